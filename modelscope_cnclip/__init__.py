@@ -1,0 +1,25 @@
+"""Chinese CLIP for ModelScope: every checkpoint layout, official numbers, today's torch and transformers.
+
+``import modelscope_cnclip`` registers the ModelScope model (``cnclip``), preprocessor (``cnclip-preprocessor``)
+and pipeline (``cnclip-multi-modal-embedding``). Without ModelScope, use the plain API::
+
+    import modelscope_cnclip as cnclip
+    m = cnclip.load('path/to/any/checkpoint')          # plugin / hub / HF dir, official .pt, hub id
+    probs = m.similarity('cat.jpg', ['猫', '狗'])
+"""
+import logging
+
+from .config import CLIPConfig, available_models, get_config
+from .inference import CNClip, load
+from .model import CLIP
+from .sources import Checkpoint, convert, read_source
+from .tokenizer import Tokenizer, get_tokenizer
+from .transform import image_transform, load_image
+
+__version__ = '0.1.0'
+__all__ = ['available_models', 'get_config', 'load', 'convert', 'read_source', 'get_tokenizer', 'image_transform',
+           'load_image', 'CNClip', 'CLIP', 'CLIPConfig', 'Checkpoint', 'Tokenizer', '__version__']
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+from . import ms  # noqa: E402,F401  (registers the ModelScope classes)

@@ -1,0 +1,252 @@
+"""Architecture configuration: JSON at the edges, frozen dataclasses inside.
+
+Every architecture lives as ``model_configs/<name>.json``; :func:`available_models` scans that folder, so the
+CLI choices and the test parametrisation never go stale. A model directory describes itself with the same
+dictionary (``cnclip_config.json``), and the stock ModelScope hub layout (``vision_model_config.json`` +
+``text_model_config.json``) converts to and from it with :func:`config_from_hub` / :func:`config_to_hub`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    'CLIPConfig', 'TextConfig', 'VisionConfig', 'PreprocessConfig', 'available_models', 'get_config',
+    'match_architecture', 'config_from_hub', 'config_to_hub', 'OPENAI_MEAN', 'OPENAI_STD'
+]
+
+CONFIG_DIR = Path(__file__).with_name('model_configs')
+
+# The normalisation constants of CLIP/Chinese-CLIP; the only place they are written down.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, failing loudly on unknown keys."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f'{where}: expected a JSON object, got {type(data).__name__}')
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f'{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}')
+    try:
+        return cls(**data)
+    except TypeError as e:  # a missing required key
+        raise ValueError(f'{where}: {e}') from None
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Image tower: a ViT (``layers`` is an int) or a ModifiedResNet (``layers`` is four block counts)."""
+
+    image_size: int = 224
+    layers: int | tuple[int, ...] = 12
+    width: int = 768
+    patch_size: int | None = 16
+    head_width: int = 64
+
+    def __post_init__(self) -> None:
+        layers = self.layers
+        if isinstance(layers, (list, tuple)):
+            if len(layers) != 4 or not all(isinstance(n, int) and n > 0 for n in layers):
+                raise ValueError(f'vision.layers: a ResNet needs four positive block counts, got {layers!r}')
+            object.__setattr__(self, 'layers', tuple(layers))
+            object.__setattr__(self, 'patch_size', None)
+        elif not isinstance(layers, int) or isinstance(layers, bool) or layers <= 0:
+            raise ValueError(f'vision.layers: expected a positive int (ViT) or a list of 4 ints (ResNet), '
+                             f'got {layers!r}')
+        else:
+            if not self.patch_size or self.image_size % self.patch_size:
+                raise ValueError(f'vision.patch_size={self.patch_size!r} must divide '
+                                 f'vision.image_size={self.image_size}')
+        if self.width % self.head_width and not self.is_resnet:
+            raise ValueError(f'vision.width={self.width} is not a multiple of vision.head_width={self.head_width}')
+
+    @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.layers, tuple)
+
+    @property
+    def heads(self) -> int:
+        """Attention heads: of every ViT block, or of the ResNet's attention pool (width * 32 channels)."""
+        return (self.width * 32 if self.is_resnet else self.width) // self.head_width
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT text tower (the fields of :class:`transformers.BertConfig` that Chinese CLIP uses)."""
+
+    vocab_size: int = 21128
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_attention_heads: int = 12
+    num_hidden_layers: int = 12
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_act: str = 'gelu'
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f'text.hidden_size={self.hidden_size} is not a multiple of '
+                             f'text.num_attention_heads={self.num_attention_heads}')
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image and a text become model input (data attached to the model)."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = 'bicubic'
+    resize_mode: str = 'squash'
+    context_length: int = 52
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, 'mean', tuple(float(v) for v in self.mean))
+        object.__setattr__(self, 'std', tuple(float(v) for v in self.std))
+        if self.interpolation not in ('bicubic', 'bilinear'):
+            raise ValueError(f"interpolation={self.interpolation!r}: choose 'bicubic' or 'bilinear'")
+        if self.resize_mode != 'squash':
+            raise ValueError(f"resize_mode={self.resize_mode!r}: only 'squash' (Chinese CLIP's resize) is supported")
+        if self.context_length < 2:
+            raise ValueError(f'context_length={self.context_length} must be at least 2 ([CLS] and [SEP])')
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """A whole Chinese CLIP model: both towers, the shared embedding size and the preprocessing."""
+
+    embed_dim: int
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    context_length: int = 52
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(image_size=self.vision.image_size, context_length=self.context_length)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = 'config') -> 'CLIPConfig':
+        data = dict(data)
+        data.pop('name', None)  # informational
+        if 'vision' in data:
+            data['vision'] = _from_dict(VisionConfig, data['vision'], f'{where}.vision')
+        if 'text' in data:
+            data['text'] = _from_dict(TextConfig, data['text'], f'{where}.text')
+        return _from_dict(cls, data, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.vision.is_resnet:
+            d['vision']['layers'] = list(self.vision.layers)
+            d['vision'].pop('patch_size')
+        return d
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> 'CLIPConfig':
+        with open(path, encoding='utf-8') as f:
+            return cls.from_dict(json.load(f), where=str(path))
+
+    def save(self, path: str | Path, name: str | None = None) -> None:
+        d = self.to_dict()
+        if name:
+            d = {'name': name, **d}
+        Path(path).write_text(json.dumps(d, indent=2, ensure_ascii=False) + '\n', encoding='utf-8')
+
+
+@lru_cache(maxsize=None)
+def _registry() -> dict[str, CLIPConfig]:
+    return {p.stem: CLIPConfig.from_file(p) for p in sorted(CONFIG_DIR.glob('*.json'))}
+
+
+def available_models() -> list[str]:
+    """Names of the architectures shipped with the package (one JSON file each in ``model_configs/``)."""
+    return list(_registry())
+
+
+def get_config(name: str) -> CLIPConfig:
+    """The configuration of a shipped architecture, e.g. ``get_config('ViT-B-16')``."""
+    reg = _registry()
+    if name not in reg:
+        raise ValueError(f'Model {name!r} not found; available models = {list(reg)}')
+    return reg[name]
+
+
+def _shape_signature(cfg: CLIPConfig) -> tuple:
+    """What the weights' shapes pin down, plus head counts (which shapes cannot tell)."""
+    v, t = cfg.vision, cfg.text
+    return (cfg.embed_dim, v.image_size, v.layers, v.width, v.patch_size, v.head_width, t.vocab_size, t.hidden_size,
+            t.intermediate_size, t.num_attention_heads, t.num_hidden_layers, t.max_position_embeddings,
+            t.type_vocab_size)
+
+
+def match_architecture(cfg: CLIPConfig) -> str | None:
+    """The shipped architecture name whose shapes ``cfg`` has, or ``None`` for a custom size."""
+    sig = _shape_signature(cfg)
+    return next((name for name, known in _registry().items() if _shape_signature(known) == sig), None)
+
+
+# --- the stock ModelScope hub layout (constructor arguments of its CLIP class) ---------------------------------
+
+_HUB_TEXT_KEYS = {  # hub key -> TextConfig field
+    'vocab_size': 'vocab_size', 'text_hidden_size': 'hidden_size', 'text_intermediate_size': 'intermediate_size',
+    'text_num_attention_heads': 'num_attention_heads', 'text_num_hidden_layers': 'num_hidden_layers',
+    'text_max_position_embeddings': 'max_position_embeddings', 'text_type_vocab_size': 'type_vocab_size',
+    'text_hidden_act': 'hidden_act', 'text_hidden_dropout_prob': 'hidden_dropout_prob',
+    'text_attention_probs_dropout_prob': 'attention_probs_dropout_prob', 'text_initializer_range': 'initializer_range',
+}
+
+
+def _parse_layers(value: Any, where: str) -> int | tuple[int, ...]:
+    # cn_clip's own RN50.json stores the string "[3,4,6,3]"; parse it as JSON, never eval it.
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f'{where}.vision_layers: cannot parse {value!r}; use an int or a list like [3, 4, 6, 3]')
+    return tuple(value) if isinstance(value, list) else value
+
+
+def config_from_hub(vision: Mapping[str, Any], text: Mapping[str, Any], where: str = 'hub config') -> CLIPConfig:
+    """Convert the two JSON dicts of a ModelScope hub dir into a :class:`CLIPConfig`."""
+    vision = dict(vision)
+    known_v = {'embed_dim', 'image_resolution', 'vision_layers', 'vision_width', 'vision_patch_size',
+               'vision_head_width'}
+    unknown = sorted(set(vision) - known_v)
+    if unknown:
+        raise ValueError(f'{where}: unknown vision key(s) {unknown}; expected {sorted(known_v)}')
+    layers = _parse_layers(vision.get('vision_layers'), where)
+    v = VisionConfig(image_size=vision['image_resolution'], layers=layers, width=vision['vision_width'],
+                     patch_size=vision.get('vision_patch_size'), head_width=vision.get('vision_head_width', 64))
+    unknown = sorted(set(text) - set(_HUB_TEXT_KEYS))
+    if unknown:
+        raise ValueError(f'{where}: unknown text key(s) {unknown}; expected {sorted(_HUB_TEXT_KEYS)}')
+    t = TextConfig(**{_HUB_TEXT_KEYS[k]: val for k, val in text.items()})
+    return CLIPConfig(embed_dim=vision['embed_dim'], vision=v, text=t)
+
+
+def config_to_hub(cfg: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``(vision_model_config, text_model_config)`` dicts of the stock ModelScope hub layout."""
+    v = cfg.vision
+    vision: dict[str, Any] = {'embed_dim': cfg.embed_dim, 'image_resolution': v.image_size,
+                              'vision_layers': list(v.layers) if v.is_resnet else v.layers,
+                              'vision_width': v.width, 'vision_patch_size': v.patch_size}
+    if not v.is_resnet:
+        vision['vision_head_width'] = v.head_width
+    text = {hub: getattr(cfg.text, ours) for hub, ours in _HUB_TEXT_KEYS.items()}
+    return vision, text
+
+
+def resnet_layers(cfg: VisionConfig) -> Sequence[int]:
+    assert cfg.is_resnet
+    return cfg.layers  # type: ignore[return-value]

@@ -1,0 +1,175 @@
+"""Building a ready model and embedding images and texts with it: plain functions, no ModelScope."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_strict
+from .config import CLIPConfig
+from .model import CLIP
+from .sources import Checkpoint, read_source
+from .tokenizer import Tokenizer, check_texts
+from .transform import ImageInput, ImageTransform
+
+__all__ = ['PRECISIONS', 'resolve_device', 'resolve_dtype', 'build_model', 'encode_images', 'encode_texts',
+           'CNClip', 'load']
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+DEFAULT_BATCH = 64
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``'cpu'``, ``'gpu'``, ``'gpu:N'``, ``'cuda'``, ``'cuda:N'`` (ModelScope's spellings) -> a torch device.
+
+    A GPU request on a machine without CUDA falls back to the CPU with a warning, as ModelScope does.
+    """
+    if device is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    name = str(device).lower()
+    if name.startswith('gpu'):
+        name = 'cuda' + name[3:]
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={device!r}: use 'cpu', 'gpu', 'gpu:N', 'cuda' or 'cuda:N'") from None
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            logger.info('device %r requested but CUDA is not available; using the CPU', device)
+            return torch.device('cpu')
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f'device={device!r}: only {torch.cuda.device_count()} CUDA device(s) visible')
+    return dev
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``'fp32'`` | ``'fp16'`` | ``'bf16'`` -> dtype, refusing fp16 on a CPU (slow and inexact there)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision={precision!r}: choose one of {list(PRECISIONS)}')
+    if precision == 'fp16' and device.type == 'cpu':
+        raise ValueError("precision='fp16' needs a GPU; on a CPU use 'fp32' (exact) or 'bf16'")
+    return PRECISIONS[precision]
+
+
+def build_model(ckpt: Checkpoint) -> CLIP:
+    """Instantiate the architecture of ``ckpt`` and load its weights strictly; returned in eval mode, fp32, CPU."""
+    # Built on the meta device and given the checkpoint's tensors (assign=True): no random init, no second copy.
+    with torch.device('meta'):
+        model = CLIP(ckpt.config)
+    load_strict(model, ckpt.state_dict, f'{ckpt.name} (from {ckpt.layout} layout {ckpt.source})', assign=True)
+    model.init_buffers()
+    return model.float().eval()
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.inference_mode()
+def encode_images(model: CLIP, transform: ImageTransform, images: Sequence[ImageInput] | torch.Tensor,
+                  batch_size: int = DEFAULT_BATCH, normalize: bool = True) -> torch.Tensor:
+    """Embed images (inputs or an ``(N, 3, R, R)`` pixel tensor) -> ``(N, D)`` float32 on the model's device."""
+    device = model.text_projection.device
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f'img: a pixel tensor must be (N, 3, R, R), got {tuple(images.shape)}')
+        batches = (images[s] for s in _chunks(len(images), batch_size))
+    else:
+        items = list(images)
+        batches = (transform.batch(items[s]) for s in _chunks(len(items), batch_size))
+    outs = [model.encode_image(b.to(device, non_blocking=True)).float() for b in batches]
+    feats = torch.cat(outs) if outs else torch.empty(0, model.config.embed_dim, device=device)
+    return F.normalize(feats, dim=-1) if normalize else feats
+
+
+@torch.inference_mode()
+def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: str | Sequence[str] | torch.Tensor,
+                 batch_size: int = DEFAULT_BATCH, normalize: bool = True) -> torch.Tensor:
+    """Embed texts (str, list of str, or ``(N, L)`` token ids) -> ``(N, D)`` float32 on the model's device.
+
+    Raw texts are sorted by length into batches, each padded only to its own longest text.
+    """
+    device = model.text_projection.device
+    if isinstance(texts, torch.Tensor):
+        if texts.dim() != 2:
+            raise ValueError(f'text: token ids must be (N, L), got {tuple(texts.shape)}')
+        outs = [model.encode_text(texts[s].to(device)).float() for s in _chunks(len(texts), batch_size)]
+        feats = torch.cat(outs) if outs else torch.empty(0, model.config.embed_dim, device=device)
+    else:
+        items = check_texts(texts)
+        ids = tokenizer(items)['input_ids']
+        lengths = ids.ne(0).sum(1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        feats = torch.empty(len(items), model.config.embed_dim, device=device)
+        for s in _chunks(len(items), batch_size):
+            idx = order[s]
+            batch = ids[idx, :int(lengths[idx].max())].to(device)
+            feats[idx.to(device)] = model.encode_text(batch).float()
+    return F.normalize(feats, dim=-1) if normalize else feats
+
+
+class CNClip:
+    """A loaded Chinese CLIP model with its preprocessing, ready to embed (plain Python, no ModelScope).
+
+    Use :func:`load` to make one. ``temperature`` equals ``1 / logit_scale.exp()``; similarity logits are
+    ``(img / temperature) @ text.T``.
+    """
+
+    def __init__(self, model: CLIP, tokenizer: Tokenizer, transform: ImageTransform, checkpoint_info: str = '',
+                 device: str | torch.device | None = 'cpu', precision: str = 'fp32') -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(precision, self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.checkpoint_info = checkpoint_info
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, device: str | torch.device | None = 'cpu',
+                        precision: str = 'fp32') -> 'CNClip':
+        return cls(build_model(ckpt), Tokenizer(ckpt.vocab_file, ckpt.config.context_length),
+                   ImageTransform(ckpt.config.preprocess), f'{ckpt.name} from {ckpt.source} ({ckpt.layout})',
+                   device, precision)
+
+    @property
+    def config(self) -> CLIPConfig:
+        return self.model.config
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """``1 / exp(logit_scale)`` as a 0-dim float32 tensor without grad."""
+        return (1.0 / self.model.logit_scale.detach().float().exp()).clone()
+
+    def encode_image(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor,
+                     batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
+        """L2-normalised image embeddings ``(N, D)``; one input or a list of them."""
+        if not isinstance(images, (list, tuple, torch.Tensor)):
+            images = [images]
+        return encode_images(self.model, self.transform, images, batch_size)
+
+    def encode_text(self, texts: str | Sequence[str] | torch.Tensor, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
+        """L2-normalised text embeddings ``(N, D)``; a str or a list of str."""
+        return encode_texts(self.model, self.tokenizer, texts, batch_size)
+
+    def similarity(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str]) -> torch.Tensor:
+        """Softmax over texts of ``(img / temperature) @ text.T``: ``(N_images, N_texts)`` probabilities."""
+        img, txt = self.encode_image(images), self.encode_text(texts)
+        return ((img / self.temperature.to(img.device)) @ txt.t()).softmax(dim=-1)
+
+
+def load(source: str | os.PathLike, device: str | torch.device | None = 'cpu', precision: str = 'fp32',
+         config: CLIPConfig | str | os.PathLike | None = None) -> CNClip:
+    """Load any checkpoint (model dir of any layout, weights file or ModelScope hub id) ready to embed.
+
+    Args:
+        source: see :func:`modelscope_cnclip.read_source`.
+        device: ``'cpu'``, ``'gpu'``, ``'cuda:1'``, ... (a GPU request without CUDA falls back to the CPU).
+        precision: ``'fp32'`` (exact), ``'bf16'`` or ``'fp16'`` (GPU only).
+        config: override the architecture (a name such as ``'ViT-B-16'``, a :class:`CLIPConfig` or a JSON path).
+    """
+    return CNClip.from_checkpoint(read_source(source, config), device, precision)

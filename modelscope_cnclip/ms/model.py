@@ -1,0 +1,118 @@
+"""ModelScope ``Model`` adapter (type ``cnclip``): a thin wrapper over :class:`modelscope_cnclip.CNClip`."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+from modelscope.models.base import TorchModel
+from modelscope.models.builder import MODELS
+from modelscope.outputs import OutputKeys
+from modelscope.utils.constant import Tasks
+
+from ..config import CLIPConfig
+from ..inference import CNClip, encode_images, encode_texts
+from ..sources import LAYOUTS, Checkpoint, default_configuration, read_source, write_dir
+from ..transform import ImageInput
+
+MODEL_TYPE = 'cnclip'
+RAW_KEYS = ('img', 'text')
+TENSOR_KEYS = ('pixel_values', 'input_ids', 'attention_mask')
+
+
+def as_image_list(img: Any) -> list[ImageInput] | torch.Tensor:
+    """One image input, a list of them, or a pixel tensor (``(3,R,R)`` or ``(N,3,R,R)``)."""
+    if isinstance(img, torch.Tensor):
+        return img.unsqueeze(0) if img.dim() == 3 else img
+    return list(img) if isinstance(img, (list, tuple)) else [img]
+
+
+def as_text_input(text: Any) -> Sequence[str] | torch.Tensor:
+    """A str, a list of str, or token ids (``(L,)`` or ``(N, L)``)."""
+    if isinstance(text, torch.Tensor):
+        return text.unsqueeze(0) if text.dim() == 1 else text
+    return text
+
+
+def check_input_keys(inputs: Any) -> None:
+    if not isinstance(inputs, dict):
+        raise TypeError(f'input must be a dict like {{"img": ..., "text": ...}}, got {type(inputs).__name__}')
+    unknown = sorted(set(inputs) - set(RAW_KEYS) - set(TENSOR_KEYS))
+    if unknown:
+        raise ValueError(f'unknown input key(s) {unknown}; use "img" (images) and/or "text" (str or list of str)')
+
+
+@MODELS.register_module(Tasks.multi_modal_embedding, module_name=MODEL_TYPE)
+@MODELS.register_module(Tasks.image_text_retrieval, module_name=MODEL_TYPE)
+class CNClipForMultiModalEmbedding(TorchModel):
+    """Chinese CLIP as a ModelScope model: ``forward({'img': ..., 'text': ...})`` returns L2-normalised
+    ``img_embedding`` / ``text_embedding`` (``None`` for a missing modality).
+
+    Args:
+        model_dir: any source :func:`modelscope_cnclip.read_source` reads (model dir of any layout, weights file,
+            hub id). ``Model.from_pretrained`` passes the plugin dir here.
+        device: ``'cpu'``, ``'gpu'``, ``'cuda:1'``, ...; ModelScope passes ``'cuda'`` by default (falls back to CPU).
+        precision: ``'fp32'``, ``'bf16'`` or ``'fp16'`` (GPU).
+        config: override the architecture (name, :class:`CLIPConfig` or JSON path).
+        checkpoint: an already-read :class:`Checkpoint` instead of ``model_dir``.
+    """
+
+    def __init__(self, model_dir: str | None = None, device: str | None = None, precision: str = 'fp32',
+                 config: CLIPConfig | str | None = None, checkpoint: Checkpoint | None = None,
+                 revision: str | None = None, **kwargs: Any) -> None:
+        if checkpoint is None:
+            if model_dir is None:
+                raise ValueError('CNClipForMultiModalEmbedding needs model_dir (a model dir, weights file or hub id) '
+                                 'or checkpoint')
+            checkpoint = read_source(model_dir, config, revision=revision)
+        super().__init__(model_dir=str(model_dir or checkpoint.source), device=str(device or 'cpu'))
+        core = CNClip.from_checkpoint(checkpoint, device=device, precision=precision)
+        self.clip = core.model
+        self.tokenizer = core.tokenizer
+        self.transform = core.transform
+        self.arch = checkpoint.name
+        self.source_layout = checkpoint.layout
+        self.vocab_file = checkpoint.vocab_file
+
+    @property
+    def config(self) -> CLIPConfig:
+        return self.clip.config
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """``1 / exp(logit_scale)``: a 0-dim float32 tensor without grad."""
+        return (1.0 / self.clip.logit_scale.detach().float().exp()).clone()
+
+    def encode_image(self, img: Any, batch_size: int = 64) -> torch.Tensor:
+        """L2-normalised ``(N, D)`` embeddings of one image input, a list of them or a pixel tensor."""
+        return encode_images(self.clip, self.transform, as_image_list(img), batch_size)
+
+    def encode_text(self, text: Any, batch_size: int = 64) -> torch.Tensor:
+        """L2-normalised ``(N, D)`` embeddings of a str, a list of str or token ids."""
+        return encode_texts(self.clip, self.tokenizer, as_text_input(text), batch_size)
+
+    def forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``{'img'|'pixel_values': ..., 'text'|'input_ids': ...}`` -> embeddings (missing modality -> ``None``)."""
+        check_input_keys(inputs)
+        img = inputs.get('pixel_values', inputs.get('img'))
+        text = inputs.get('input_ids', inputs.get('text'))
+        return {OutputKeys.IMG_EMBEDDING: None if img is None else self.encode_image(img),
+                OutputKeys.TEXT_EMBEDDING: None if text is None else self.encode_text(text)}
+
+    def to_checkpoint(self) -> Checkpoint:
+        """The current weights (fp32, CPU) as a :class:`Checkpoint`."""
+        sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+              for k, v in self.clip.state_dict().items()}
+        return Checkpoint(sd, self.config, self.vocab_file, 'plugin', str(self.model_dir))
+
+    def save_pretrained(self, target_folder: str | os.PathLike, to: str = 'plugin', overwrite: bool = True,
+                        config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """Write a model dir: the plugin layout (safetensors + configuration.json) unless ``to`` says
+        ``'hub'`` or ``'hf'``. ``config`` replaces the default ``configuration.json`` content."""
+        if to not in LAYOUTS:
+            raise ValueError(f'to={to!r}: choose one of {list(LAYOUTS)}')
+        conf = None
+        if to == 'plugin':
+            conf = config.to_dict() if hasattr(config, 'to_dict') else dict(config or default_configuration())
+            conf['model'] = {**conf.get('model', {}), 'type': MODEL_TYPE}
+        write_dir(self.to_checkpoint(), target_folder, to, overwrite, conf)

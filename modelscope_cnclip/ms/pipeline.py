@@ -1,0 +1,80 @@
+"""ModelScope ``Pipeline`` adapter (type ``cnclip-multi-modal-embedding``).
+
+Works as ``p({...})`` and ``p.forward({...})`` (raw or preprocessed input), on every layout the plugin reads:
+a model object, a plugin dir, a stock hub dir or hub id (with ``pipeline_name='cnclip-multi-modal-embedding'``),
+an official ``.pt`` or a Hugging Face dir.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from modelscope.models.base import Model
+from modelscope.pipelines.base import Pipeline
+from modelscope.pipelines.builder import PIPELINES
+from modelscope.utils.constant import Frameworks, Tasks
+
+from ..sources import PLUGIN_CONFIG, RESOURCES
+from .model import RAW_KEYS, CNClipForMultiModalEmbedding, check_input_keys
+from .preprocessor import CNClipPreprocessor
+
+PIPELINE_TYPE = 'cnclip-multi-modal-embedding'
+
+
+@PIPELINES.register_module(Tasks.multi_modal_embedding, module_name=PIPELINE_TYPE)
+@PIPELINES.register_module(Tasks.image_text_retrieval, module_name=PIPELINE_TYPE)
+class CNClipPipeline(Pipeline):
+    """Embed images and/or texts: ``{'img': ..., 'text': ...}`` -> ``{'img_embedding', 'text_embedding'}``.
+
+    Args:
+        model: a :class:`CNClipForMultiModalEmbedding`, or any source it reads (dir, weights file, hub id).
+        device: ``'cpu'``, ``'gpu'``, ``'gpu:1'``, ``'cuda:1'`` (ModelScope's default is ``'gpu'``; no CUDA -> CPU).
+        precision: ``'fp32'`` (default, exact), ``'bf16'``, ``'fp16'`` (GPU).
+        config: architecture override for a source that does not describe itself.
+        revision: hub revision when ``model`` is a hub id.
+    """
+
+    def __init__(self, model: Any, preprocessor: CNClipPreprocessor | None = None, device: str = 'gpu',
+                 precision: str = 'fp32', config: Any = None, revision: str | None = None, **kwargs: Any) -> None:
+        if not isinstance(model, CNClipForMultiModalEmbedding):
+            if isinstance(model, Model):
+                raise TypeError(f'{type(model).__name__} is not a Chinese CLIP model of this plugin; pass its '
+                                f'model dir instead (any layout loads), or Model.from_pretrained a plugin dir')
+            if not isinstance(model, (str, os.PathLike)):
+                raise TypeError(f'model must be a model dir, weights file, hub id or CNClipForMultiModalEmbedding, '
+                                f'got {type(model).__name__}')
+            model = CNClipForMultiModalEmbedding(str(model), device=device, precision=precision, config=config,
+                                                 revision=revision)
+        if preprocessor is None:
+            preprocessor = CNClipPreprocessor(transform=model.transform, tokenizer=model.tokenizer)
+        # The base class reads a configuration.json next to the model; sources without one (a .pt file, a stock
+        # hub dir naming the built-in type) get the plugin's own.
+        own = Path(str(model.model_dir), 'configuration.json')
+        use_own = own.is_file() and Path(str(model.model_dir), PLUGIN_CONFIG).is_file()
+        config_file = str(own if use_own else RESOURCES / 'configuration.json')
+        kwargs.pop('config_file', None)
+        super().__init__(config_file=config_file, model=model, preprocessor=preprocessor, device=device, **kwargs)
+
+    def _get_framework(self) -> str:
+        return Frameworks.torch
+
+    def _check_input(self, input: Any) -> None:
+        check_input_keys(input)
+        if all(input.get(k) is None for k in (*RAW_KEYS, 'pixel_values', 'input_ids')):
+            raise ValueError('input has neither "img" nor "text"; give at least one, e.g. {"text": ["皮卡丘"]}')
+
+    def preprocess(self, input: dict[str, Any], **preprocess_params: Any) -> dict[str, Any]:
+        return self.preprocessor(input)
+
+    def forward(self, input: dict[str, Any], **forward_params: Any) -> dict[str, Any]:
+        """Embed; raw input (``p.forward({'img': [...]})``, as with the built-in pipeline) is preprocessed first."""
+        self._check_input(input)
+        if not self._model_prepare:
+            self.prepare_model()
+        if any(input.get(k) is not None for k in RAW_KEYS):
+            input = self.preprocess(input)
+        return self.model(input)
+
+    def postprocess(self, inputs: dict[str, Any], **postprocess_params: Any) -> dict[str, Any]:
+        return inputs

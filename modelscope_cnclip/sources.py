@@ -1,0 +1,271 @@
+"""Where weights come from and where they go: every checkpoint layout users have, read and written.
+
+Readers return a :class:`Checkpoint` (official-layout state dict + config + vocab); writers take one. Layouts:
+
+* ``plugin``   — this package's model dir: ``configuration.json``, ``cnclip_config.json``, ``model.safetensors``,
+  ``vocab.txt``.
+* ``hub``      — the stock ModelScope dir: ``configuration.json`` (``clip-multi-modal-embedding``),
+  ``vision_model_config.json``, ``text_model_config.json``, ``vocab.txt``, ``pytorch_model.bin``.
+* ``official`` — a Chinese-CLIP ``.pt`` (``{"state_dict": {"module.visual...": ...}, ...}``).
+* ``hf``       — a transformers ``ChineseCLIPModel`` dir.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .checkpoint import StateDict, check_state_dict, infer_config, official_to_hf, read_checkpoint, to_official
+from .config import CLIPConfig, config_from_hub, config_to_hub, get_config, match_architecture
+from .model import CLIP
+from .tokenizer import DEFAULT_VOCAB
+
+__all__ = ['Checkpoint', 'read_source', 'read_config', 'write_dir', 'convert', 'default_configuration', 'LAYOUTS']
+
+logger = logging.getLogger(__name__)
+
+RESOURCES = Path(__file__).with_name('resources')
+PLUGIN_CONFIG = 'cnclip_config.json'
+PLUGIN_WEIGHTS = 'model.safetensors'
+HUB_FILES = ('vision_model_config.json', 'text_model_config.json')
+WEIGHT_SUFFIXES = ('.safetensors', '.pt', '.pth', '.bin', '.ckpt')
+LAYOUTS = ('plugin', 'hub', 'hf')  # what `convert` writes
+HUB_MODEL_TYPE = 'clip-multi-modal-embedding'
+
+
+@dataclass
+class Checkpoint:
+    """Weights in the official layout, with what is needed to rebuild and describe the model."""
+
+    state_dict: StateDict
+    config: CLIPConfig
+    vocab_file: Path = DEFAULT_VOCAB
+    layout: str = 'official'
+    source: str = ''
+
+    @property
+    def name(self) -> str:
+        """The architecture name, or ``'custom'``."""
+        return match_architecture(self.config) or 'custom'
+
+
+def default_configuration() -> dict[str, Any]:
+    """The ``configuration.json`` a plugin model dir carries (task, types, train/evaluation defaults)."""
+    return json.loads((RESOURCES / 'configuration.json').read_text(encoding='utf-8'))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding='utf-8'))
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: invalid JSON ({e})') from None
+
+
+def _resolve_config(config: CLIPConfig | str | os.PathLike | None) -> CLIPConfig | None:
+    if config is None or isinstance(config, CLIPConfig):
+        return config
+    if isinstance(config, str) and not config.endswith('.json'):
+        return get_config(config)  # an architecture name
+    return CLIPConfig.from_file(config)
+
+
+def _find_weights(d: Path, preferred: tuple[str, ...]) -> Path:
+    for name in preferred:
+        if (d / name).is_file():
+            return d / name
+    found = sorted(p.name for p in d.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if len(found) == 1:
+        return d / found[0]
+    raise FileNotFoundError(f'{d}: expected weights in one of {list(preferred)}, found {found or "none"}')
+
+
+def _vocab_in(d: Path) -> Path:
+    return d / 'vocab.txt' if (d / 'vocab.txt').is_file() else DEFAULT_VOCAB
+
+
+def _dir_layout(d: Path) -> str:
+    if (d / PLUGIN_CONFIG).is_file():
+        return 'plugin'
+    if all((d / f).is_file() for f in HUB_FILES):
+        return 'hub'
+    if (d / 'config.json').is_file() and _read_json(d / 'config.json').get('model_type') == 'chinese_clip':
+        return 'hf'
+    return 'weights-only'
+
+
+def _hf_config(d: Path) -> CLIPConfig:
+    from .hf import config_from_hf
+    return config_from_hf(_read_json(d / 'config.json'))
+
+
+def read_config(source: str | os.PathLike | None) -> tuple[CLIPConfig | None, Path]:
+    """The architecture and vocab a model dir declares, without reading its weights (``None`` if it declares none).
+    """
+    d = Path(source) if source is not None else None
+    if d is None or not d.is_dir():
+        return None, DEFAULT_VOCAB
+    layout = _dir_layout(d)
+    cfg = {'plugin': lambda: CLIPConfig.from_file(d / PLUGIN_CONFIG),
+           'hub': lambda: config_from_hub(_read_json(d / HUB_FILES[0]), _read_json(d / HUB_FILES[1]), where=str(d)),
+           'hf': lambda: _hf_config(d)}.get(layout, lambda: None)()
+    return cfg, _vocab_in(d)
+
+
+_WEIGHT_FILES = {  # per dir layout, the weights file names in order of preference
+    'plugin': (PLUGIN_WEIGHTS,),
+    'hub': ('pytorch_model.bin', 'model.safetensors', 'pytorch_model.pt'),
+    'hf': ('model.safetensors', 'pytorch_model.bin'),
+    'weights-only': ('pytorch_model.bin', 'model.safetensors'),
+}
+
+
+def _read_dir(d: Path, config: CLIPConfig | None) -> Checkpoint:
+    layout = _dir_layout(d)
+    try:
+        weights = _find_weights(d, _WEIGHT_FILES[layout])
+    except FileNotFoundError as e:
+        if layout != 'weights-only':
+            raise
+        raise FileNotFoundError(
+            f'{d} is not a Chinese CLIP model dir: expected {PLUGIN_CONFIG} (plugin), {list(HUB_FILES)} '
+            f'(ModelScope hub), a config.json of model_type chinese_clip (Hugging Face), or a single weights '
+            f'file ({e})') from None
+    declared, vocab = read_config(d)
+    sd, detected = to_official(read_checkpoint(weights))
+    ckpt_layout = layout if layout != 'weights-only' else ('hf' if detected == 'hf' else 'official')
+    return Checkpoint(sd, config or declared or infer_config(sd), vocab, ckpt_layout, str(d))
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split('/')
+    return len(parts) == 2 and all(parts) and not source.startswith(('.', '/', '~')) and '\\' not in source
+
+
+def read_source(source: str | os.PathLike, config: CLIPConfig | str | os.PathLike | None = None,
+                revision: str | None = None) -> Checkpoint:
+    """Read weights from any supported source.
+
+    Args:
+        source: a model dir (plugin, ModelScope hub or Hugging Face layout), a weights file (official ``.pt``,
+            ``.bin``, ``.safetensors``) or a ModelScope hub id (downloaded with ModelScope's hub client).
+        config: override the architecture: a :class:`CLIPConfig`, an architecture name or a config JSON path.
+            By default it comes from the source's own config files, else from the weights' shapes.
+        revision: hub revision for a hub id.
+    """
+    cfg = _resolve_config(config)
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_dir():
+        return _read_dir(path, cfg)
+    if path.is_file():
+        sd, detected = to_official(read_checkpoint(path))
+        return Checkpoint(sd, cfg or infer_config(sd), DEFAULT_VOCAB, detected, str(path))
+    if _looks_like_hub_id(str(source)):
+        from modelscope.hub.snapshot_download import snapshot_download
+        logger.info('downloading %s from the ModelScope hub', source)
+        local = snapshot_download(str(source), revision=revision) if revision else snapshot_download(str(source))
+        return replace(_read_dir(Path(local), cfg), source=str(source))
+    raise FileNotFoundError(f'model source {str(source)!r} not found: give a model dir, a weights file '
+                            f'(.pt/.bin/.safetensors) or a ModelScope hub id like '
+                            f'"damo/multi-modal_clip-vit-base-patch16_zh"')
+
+
+# --- writers -------------------------------------------------------------------------------------------------------
+
+@contextmanager
+def _atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
+    """Write into a temporary sibling, then move it into place: a half-written dir never looks complete."""
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f'{dst} exists and is not empty; choose a new directory or pass overwrite=True')
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{dst.name}.', dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + '\n', encoding='utf-8')
+
+
+def _contiguous(sd: StateDict) -> StateDict:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def _write_plugin(ckpt: Checkpoint, d: Path, configuration: dict[str, Any] | None) -> None:
+    from safetensors.torch import save_file
+    _write_json(d / 'configuration.json', configuration or default_configuration())
+    ckpt.config.save(d / PLUGIN_CONFIG, name=ckpt.name)
+    save_file(_contiguous(ckpt.state_dict), str(d / PLUGIN_WEIGHTS), metadata={'format': 'pt'})
+    shutil.copyfile(ckpt.vocab_file, d / 'vocab.txt')
+
+
+def _write_hub(ckpt: Checkpoint, d: Path) -> None:
+    vision, text = config_to_hub(ckpt.config)
+    _write_json(d / 'configuration.json', {'framework': 'pytorch', 'task': 'multi-modal-embedding',
+                                           'model': {'type': HUB_MODEL_TYPE},
+                                           'pipeline': {'type': 'multi-modal-embedding'}})
+    _write_json(d / HUB_FILES[0], vision)
+    _write_json(d / HUB_FILES[1], text)
+    shutil.copyfile(ckpt.vocab_file, d / 'vocab.txt')
+    sd = _contiguous(ckpt.state_dict)
+    # ModelScope's built-in class loads strictly and its BERT has a pooler that CLIP never uses: write zeros.
+    h = ckpt.config.text.hidden_size
+    sd['bert.pooler.dense.weight'] = torch.zeros(h, h)
+    sd['bert.pooler.dense.bias'] = torch.zeros(h)
+    torch.save({'state_dict': sd}, d / 'pytorch_model.bin')
+
+
+def _write_hf(ckpt: Checkpoint, d: Path) -> None:
+    from .hf import write_hf_files
+    write_hf_files(official_to_hf(_contiguous(ckpt.state_dict)), ckpt.config, ckpt.vocab_file, d)
+
+
+def write_dir(ckpt: Checkpoint, dst: str | os.PathLike, to: str = 'plugin', overwrite: bool = False,
+              configuration: dict[str, Any] | None = None) -> Path:
+    """Write ``ckpt`` as a model dir of layout ``to`` (``plugin``, ``hub`` or ``hf``), atomically."""
+    if to not in LAYOUTS:
+        raise ValueError(f'unknown target layout {to!r}; choose one of {list(LAYOUTS)}')
+    dst = Path(dst)
+    with _atomic_dir(dst, overwrite) as tmp:
+        if to == 'plugin':
+            _write_plugin(ckpt, tmp, configuration)
+        elif to == 'hub':
+            _write_hub(ckpt, tmp)
+        else:
+            _write_hf(ckpt, tmp)
+    logger.info('wrote %s (%s layout, %s)', dst, to, ckpt.name)
+    return dst
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = 'plugin',
+            config: CLIPConfig | str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Convert any readable checkpoint (see :func:`read_source`) into a ``plugin``, ``hub`` or ``hf`` model dir.
+
+    The architecture is detected from the weights' shapes unless the source describes itself or ``config``
+    is given. Returns the written directory.
+    """
+    if to not in LAYOUTS:
+        raise ValueError(f'unknown target layout {to!r}; choose one of {list(LAYOUTS)}')
+    ckpt = read_source(src, config)
+    _check_fits(ckpt)
+    return write_dir(ckpt, dst, to, overwrite)
+
+
+def _check_fits(ckpt: Checkpoint) -> None:
+    """Fail before writing anything if the weights do not fit the config (shapes only, no memory)."""
+    with torch.device('meta'):
+        model = CLIP(ckpt.config)
+    check_state_dict(model.state_dict(), ckpt.state_dict, ckpt.name)

@@ -1,0 +1,45 @@
+"""modelscope_cnclip: Chinese CLIP as a ModelScope plugin."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+version = next(line.split("'")[1] for line in (HERE / 'modelscope_cnclip' / '__init__.py').read_text().splitlines()
+               if line.startswith('__version__'))
+
+# torch is left to the user (CUDA or CPU build); any 2.x from 2.1 works. See README for a CPU-only install.
+CORE = [
+    'torch>=2.1',
+    'transformers>=4.41',
+    'tokenizers>=0.15',
+    'safetensors>=0.4',
+    'numpy>=1.23',
+    'pillow>=9.1',
+    # ModelScope and what its pipeline/model registries import.
+    'modelscope>=1.9',
+    'addict',
+    'datasets',
+    'simplejson',
+    'sortedcontainers',
+]
+EXTRAS = {
+    # six: lets the tests load --to hub output with ModelScope's built-in CLIP class.
+    'test': ['pytest>=7', 'six'],
+}
+EXTRAS['all'] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
+setup(
+    name='modelscope_cnclip',
+    version=version,
+    description='Chinese CLIP (RN50, ViT-B/L/H) as a ModelScope plugin: every checkpoint layout, official numbers',
+    long_description=(HERE / 'README.md').read_text(encoding='utf-8') if (HERE / 'README.md').exists() else '',
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.9',
+    packages=find_packages(include=['modelscope_cnclip', 'modelscope_cnclip.*']),
+    package_data={'modelscope_cnclip': ['model_configs/*.json', 'resources/*']},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={'console_scripts': ['cnclip = modelscope_cnclip.cli:main']},
+    classifiers=['Programming Language :: Python :: 3', 'Topic :: Scientific/Engineering :: Artificial Intelligence'],
+)
