@@ -35,7 +35,7 @@ setup(
     long_description=(HERE / 'README.md').read_text(encoding='utf-8') if (HERE / 'README.md').exists() else '',
     long_description_content_type='text/markdown',
     license='Apache-2.0',
-    python_requires='>=3.9',
+    python_requires='>=3.10',
     packages=find_packages(include=['modelscope_cnclip', 'modelscope_cnclip.*']),
     package_data={'modelscope_cnclip': ['model_configs/*.json', 'resources/*']},
     install_requires=CORE,

@@ -1,0 +1,103 @@
+"""Command line: ``cnclip <command>`` (also ``python -m modelscope_cnclip``). Every command is a function over
+the plain Python API; ``main(argv)`` takes an argument list so tests call it directly."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+__all__ = ['main', 'build_parser']
+
+logger = logging.getLogger('modelscope_cnclip')
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .config import available_models, get_config
+    for name in available_models():
+        cfg = get_config(name)
+        print(f'{name}\tembed_dim={cfg.embed_dim}\timage_size={cfg.vision.image_size}')
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .sources import read_source
+    ckpt = read_source(args.source, args.config)
+    n = sum(t.numel() for t in ckpt.state_dict.values())
+    print(json.dumps({'source': ckpt.source, 'layout': ckpt.layout, 'architecture': ckpt.name,
+                      'parameters': n, 'config': ckpt.config.to_dict()}, ensure_ascii=False, indent=2))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .sources import convert
+    dst = convert(args.src, args.dst, to=args.to, config=args.config, overwrite=args.overwrite)
+    print(dst)
+    return 0
+
+
+def _cmd_similarity(args: argparse.Namespace) -> int:
+    from .inference import load
+    model = load(args.model, device=args.device, precision=args.precision, config=args.config)
+    probs = model.similarity(args.image, args.texts)[0].tolist()
+    if args.json:
+        print(json.dumps({t: p for t, p in zip(args.texts, probs)}, ensure_ascii=False))
+    else:
+        width = max(len(t) for t in args.texts)
+        for text, p in sorted(zip(args.texts, probs), key=lambda tp: -tp[1]):
+            print(f'{text:<{width}}  {p:.4f}')
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='cnclip', description='Chinese CLIP for ModelScope.')
+    parser.add_argument('-v', '--verbose', action='store_true', help='log progress (INFO level)')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    add('models', _cmd_models, 'list the shipped architectures')
+
+    config_help = 'architecture name (e.g. ViT-B-16) or config JSON, when the source does not describe itself'
+    p = add('info', _cmd_info, 'show the layout and architecture detected for a checkpoint')
+    p.add_argument('source', help='model dir (any layout), weights file or ModelScope hub id')
+    p.add_argument('--config', help=config_help)
+
+    p = add('convert', _cmd_convert, 'convert any checkpoint into a plugin, ModelScope hub or Hugging Face dir')
+    p.add_argument('src', help='official .pt, ModelScope hub dir or id, finetune output dir, HF dir, plugin dir')
+    p.add_argument('dst', help='directory to write (must not exist or be empty, unless --overwrite)')
+    p.add_argument('--to', choices=['plugin', 'hub', 'hf'], default='plugin', help='target layout (default plugin)')
+    p.add_argument('--config', help=config_help)
+    p.add_argument('--overwrite', action='store_true', help='replace a non-empty dst')
+
+    p = add('similarity', _cmd_similarity, 'score one image against texts (softmax probabilities over the texts)')
+    p.add_argument('model', help='model dir (any layout), weights file or ModelScope hub id')
+    p.add_argument('image', help='image path or http(s) URL')
+    p.add_argument('texts', nargs='+', help='candidate texts')
+    p.add_argument('--device', default='cpu', help="cpu, gpu, cuda:1, ... (default cpu)")
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'], help='default fp32 (exact)')
+    p.add_argument('--config', help=config_help)
+    p.add_argument('--json', action='store_true', help='print one JSON object {text: probability}')
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 with a one-line message for bad input)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format='%(levelname)s %(name)s: %(message)s')
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError) as e:
+        if args.verbose:
+            raise
+        print(f'cnclip {args.command}: error: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())
