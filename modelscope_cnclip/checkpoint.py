@@ -84,8 +84,11 @@ def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
 
 
 def clean_official(sd: Mapping[str, torch.Tensor]) -> StateDict:
-    """Remove what the model does not use: the BERT pooler and a persisted ``position_ids`` buffer."""
+    """Remove what the model does not use (the BERT pooler, a persisted ``position_ids`` buffer) and store
+    ``logit_scale`` as the 0-dim tensor it is (some checkpoints hold it with shape ``(1,)``, which torch accepts)."""
     out = dict(sd)
+    if 'logit_scale' in out and tuple(out['logit_scale'].shape) == (1,):
+        out['logit_scale'] = out['logit_scale'].reshape(())
     dropped = [k for k in out if k.startswith(('bert.pooler.', 'text_model.pooler.'))]
     for k in list(out):
         if k.endswith('embeddings.position_ids'):

@@ -3,11 +3,18 @@
 Lower-cased, accents stripped, CJK characters split one per token, ``[CLS] + ids[:L-2] + [SEP]`` and
 ``[PAD]=0`` padding, exactly as ``cn_clip.clip.tokenize``. Padding to the longest text in a batch (the default)
 gives the same embeddings as padding to ``L`` and wastes no work on pad tokens.
+
+Two details of the reference differ from a stock ``BertTokenizerFast`` and are matched here: its text cleaning
+removes only Cc/Cf control characters (Rust's also drops private-use and unassigned code points, which the
+reference keeps and maps to ``[UNK]``), and a word may have up to 200 characters before it becomes ``[UNK]``
+(not 100).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
+import unicodedata
 
 import torch
 
@@ -15,6 +22,23 @@ __all__ = ['Tokenizer', 'DEFAULT_VOCAB', 'get_tokenizer']
 
 DEFAULT_VOCAB = Path(__file__).with_name('resources') / 'vocab.txt'
 SPECIAL_TOKENS = {'[PAD]': 0, '[UNK]': 100, '[CLS]': 101, '[SEP]': 102, '[MASK]': 103}
+
+
+MAX_CHARS_PER_WORD = 200
+_KEEP_CONTROL = frozenset('\t\n\r')
+
+
+def clean_text(text: str) -> str:
+    """The reference's cleaning: drop NUL, U+FFFD and Cc/Cf characters (not tab/newline), map whitespace to ' '."""
+    out = []
+    for ch in text:
+        if ch in _KEEP_CONTROL or ch == ' ' or unicodedata.category(ch) == 'Zs':
+            out.append(' ')
+        elif ch == '\x00' or ch == '\ufffd' or unicodedata.category(ch) in ('Cc', 'Cf'):
+            continue
+        else:
+            out.append(ch)
+    return ''.join(out)
 
 
 def check_texts(texts: str | Sequence[str], name: str = 'text') -> list[str]:
@@ -39,20 +63,29 @@ class Tokenizer:
     """
 
     def __init__(self, vocab_file: str | Path | None = None, context_length: int = 52) -> None:
-        from tokenizers import BertWordPieceTokenizer
+        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers.models import WordPiece
+        from tokenizers.normalizers import BertNormalizer
+        from tokenizers.pre_tokenizers import BertPreTokenizer
 
         self.vocab_file = Path(vocab_file or DEFAULT_VOCAB)
         if not self.vocab_file.is_file():
             raise FileNotFoundError(f'vocab file {self.vocab_file} not found; pass the model dir\'s vocab.txt '
                                     f'or leave vocab_file unset for the standard Chinese CLIP vocabulary')
         self.context_length = context_length
-        self._tok = BertWordPieceTokenizer(str(self.vocab_file), clean_text=True, handle_chinese_chars=True,
-                                           strip_accents=None, lowercase=True)
-        vocab = self._tok.get_vocab()
+        # One token per '\n'-terminated line; str.splitlines() would also split at tokens like U+2028.
+        lines = self.vocab_file.read_text(encoding='utf-8').split('\n')
+        if lines and lines[-1] == '':
+            lines.pop()
+        vocab = {token.rstrip('\r'): i for i, token in enumerate(lines)}
         wrong = {t: vocab.get(t) for t, i in SPECIAL_TOKENS.items() if vocab.get(t) != i}
         if wrong:
             raise ValueError(f'{self.vocab_file}: special tokens at unexpected ids {wrong}; '
                              f'Chinese CLIP needs {SPECIAL_TOKENS}')
+        self._tok = RustTokenizer(WordPiece(vocab, unk_token='[UNK]', max_input_chars_per_word=MAX_CHARS_PER_WORD))
+        self._tok.normalizer = BertNormalizer(clean_text=False, handle_chinese_chars=True, strip_accents=None,
+                                              lowercase=True)
+        self._tok.pre_tokenizer = BertPreTokenizer()
         self.vocab_size = len(vocab)
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None,
@@ -69,7 +102,7 @@ class Tokenizer:
         length = context_length or self.context_length
         if padding not in ('longest', 'max_length'):
             raise ValueError(f"padding={padding!r}: choose 'longest' or 'max_length'")
-        ids = [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=False)]
+        ids = [enc.ids for enc in self._tok.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)]
         rows = [[SPECIAL_TOKENS['[CLS]'], *seq[:length - 2], SPECIAL_TOKENS['[SEP]']] for seq in ids]
         width = length if padding == 'max_length' else max((len(r) for r in rows), default=2)
         input_ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -79,7 +112,7 @@ class Tokenizer:
 
     def tokenize(self, text: str) -> list[str]:
         """The word pieces of one text (no special tokens), for inspection."""
-        return self._tok.encode(check_texts(text)[0], add_special_tokens=False).tokens
+        return self._tok.encode(clean_text(check_texts(text)[0]), add_special_tokens=False).tokens
 
 
 def get_tokenizer(vocab_file: str | Path | None = None, context_length: int = 52) -> Tokenizer:

@@ -16,6 +16,7 @@ from ..sources import LAYOUTS, Checkpoint, default_configuration, read_source, w
 from ..transform import ImageInput
 
 MODEL_TYPE = 'cnclip'
+PIPELINE_TYPE = 'cnclip-multi-modal-embedding'
 RAW_KEYS = ('img', 'text')
 TENSOR_KEYS = ('pixel_values', 'input_ids', 'attention_mask')
 
@@ -73,6 +74,9 @@ class CNClipForMultiModalEmbedding(TorchModel):
         self.arch = checkpoint.name
         self.source_layout = checkpoint.layout
         self.vocab_file = checkpoint.vocab_file
+        # What pipeline(task, model=<this object>) builds (read before any configuration.json).
+        self.pipeline = {'type': PIPELINE_TYPE}
+        self.eval()
 
     @property
     def config(self) -> CLIPConfig:

@@ -16,10 +16,8 @@ from modelscope.pipelines.builder import PIPELINES
 from modelscope.utils.constant import Frameworks, Tasks
 
 from ..sources import PLUGIN_CONFIG, RESOURCES
-from .model import RAW_KEYS, CNClipForMultiModalEmbedding, check_input_keys
+from .model import PIPELINE_TYPE, RAW_KEYS, CNClipForMultiModalEmbedding, check_input_keys
 from .preprocessor import CNClipPreprocessor
-
-PIPELINE_TYPE = 'cnclip-multi-modal-embedding'
 
 
 @PIPELINES.register_module(Tasks.multi_modal_embedding, module_name=PIPELINE_TYPE)

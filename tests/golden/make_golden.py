@@ -30,7 +30,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -47,7 +46,7 @@ from PIL import Image
 import cn_clip
 import cn_clip.clip
 import cn_clip.clip.model
-from cn_clip.clip.model import CLIP
+from cn_clip.clip.model import CLIP, convert_weights
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -123,12 +122,14 @@ TEXTS = [
     "これはペンです。カタカナとひらがな",
     "안녕하세요 세계, 고양이 사진",
     "罕见字𠀀和㐀测试",
-    # tabs, newlines, CR, zero-width space (Cf), NUL, BEL, no-break space, ideographic space
-    "一只\t黑猫\n在\r\n沙发\u200b上\x00睡\x07觉 \u00a0end\u3000尾",
+    # tabs, newlines, CR, zero-width space (Cf: removed, joins "zero"+"width"), NUL, BEL,
+    # no-break space and ideographic space (Zs: whitespace)
+    "一只\t黑猫\n在\r\n沙发上\x00睡\x07觉 zero\u200bwidth\u00a0end\u3000尾",
     # chars on which cn_clip's Python BasicTokenizer and HF's Rust BertNormalizer disagree:
-    # VT/FF are Cc (removed here, whitespace in Rust), U+E000 private use and U+0378 unassigned
-    # (kept here -> [UNK], removed in Rust), U+FFFD removed by both, U+2028 (Zl: kept, [UNK])
-    "竖\x0b表\x0c页 私\ue000用 未\u0378配 替\ufffd换 行\u2028分",
+    # VT/FF are Cc (removed here -> "tabvt" one word; whitespace in Rust), U+E000 private use and
+    # U+0378 unassigned (kept here -> [UNK]; removed in Rust); U+FFFD removed by both; U+2028
+    # (Zl) survives cleaning but str.split() drops it
+    "tab\x0bvt form\x0cfeed 私\ue000用 未\u0378配 替\ufffd换 行\u2028分",
     # one 150-char "word": cn_clip's max_input_chars_per_word is 200 (HF: 100 -> [UNK])
     "编号" + "1234567890" * 15 + "结束",
     "   前后都有空格   ",
@@ -411,11 +412,21 @@ def run_model(name: str, cfg: dict, images, pix, texts) -> None:
             txt64 = m64.encode_text(tok)
         finally:
             cn_clip.clip.model.LayerNorm.forward = ln_forward
+        # cn_clip's own loader (create_model / load_from_name): convert_weights(model) makes
+        # Conv/Linear/MHA weights+biases, the whole BertModel, visual.proj and text_projection fp16
+        # BEFORE load_state_dict, so those checkpoint values are rounded to fp16; then .float().
+        m_off = CLIP(**cfg["vision"], **cfg["text"])
+        convert_weights(m_off)
+        rounded_keys = [k for k, v in m_off.state_dict().items() if v.dtype == torch.float16]
+        m_off.load_state_dict(sd, strict=True)
+        m_off = m_off.float().eval()
+        img_off = m_off.encode_image(batch)
+        txt_off = m_off.encode_text(tok)
 
     n_tok = (tok77 != 0).sum(dim=1)
     fits = n_tok <= CONTEXT
     assert torch.equal(tok[fits], tok77[fits][:, :CONTEXT])
-    for t in (img, txt, txt77):
+    for t in (img, txt, txt77, img_off, txt_off):
         assert torch.isfinite(t).all(), "non-finite features"
     assert img.dtype == torch.float32 and txt.dtype == torch.float32
 
@@ -429,6 +440,7 @@ def run_model(name: str, cfg: dict, images, pix, texts) -> None:
         "ctx52_vs_ctx77_max_rel_err_untruncated": max_rel_err(txt77[fits], txt[fits]),
         "texts_truncated_at_52": [i for i in range(len(texts)) if not bool(fits[i])],
         "bug_sensitivity_max_rel_err": bug_sensitivity(model, sd, cfg, images, img, tok, txt),
+        "fp16_load_vs_fp32_max_rel_err": {"image": max_rel_err(img_off, img), "text": max_rel_err(txt_off, txt)},
         "feature_norms": {"image": [round(float(x), 4) for x in img.norm(dim=-1)],
                           "text": [round(float(x), 4) for x in txt.norm(dim=-1)]},
     }
@@ -440,6 +452,8 @@ def run_model(name: str, cfg: dict, images, pix, texts) -> None:
         "token_ids": tok.numpy().astype(np.int64),
         "token_ids_77": tok77.numpy().astype(np.int64),
         "text_features_77": txt77.numpy().astype(np.float32),
+        "image_features_fp16_load": img_off.numpy().astype(np.float32),
+        "text_features_fp16_load": txt_off.numpy().astype(np.float32),
     }
     save_npz_deterministic(d / "golden.npz", arrays)
 
@@ -455,6 +469,7 @@ def run_model(name: str, cfg: dict, images, pix, texts) -> None:
         "embed_dim": int(img.shape[1]),
         "weights_sha256": weights.tensor_digest(sd),
         "bert_pooler_in_state_dict": has_pooler,
+        "fp16_load_rounded_keys": rounded_keys,
         "pixel_sha256": {n: pixel_digest(t) for n, t in zip(IMAGE_NAMES, pix)},
         "pixel_stats": {n: pixel_stats(t) for n, t in zip(IMAGE_NAMES, pix)},
         "image_modes": {n: f"{im.mode} {im.size[0]}x{im.size[1]}" for n, im in zip(IMAGE_NAMES, images)},
@@ -470,7 +485,10 @@ def run_model(name: str, cfg: dict, images, pix, texts) -> None:
             "are the UNnormalised encode_image / encode_text outputs for the whole batch at once. "
             "pixel_sha256 = sha256 of the C-contiguous float32 [3,224,224] tensor bytes. "
             "stats.*_max_rel_err = max |a-b| / max|b| per row: fp32 vs float64 run of the same model "
-            "(noise floor), batch vs one-at-a-time, and context 77 vs 52."
+            "(noise floor), batch vs one-at-a-time, and context 77 vs 52. "
+            "*_fp16_load: the same inputs through cn_clip's own loading path (create_model / "
+            "load_from_name: convert_weights() before load_state_dict rounds the keys in "
+            "fp16_load_rounded_keys to fp16, then .float()); NOT the primary target."
         ),
     }
     with open(d / "golden.json", "w", encoding="utf-8") as f:

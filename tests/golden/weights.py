@@ -15,8 +15,10 @@ machines rests on three things:
 
 Every draw is uniform on ``[-sqrt(3), sqrt(3))`` (zero mean, unit variance) times a per-tensor
 scale.  Plain random init makes all texts (and most images) embed almost identically (pairwise
-cosines > 0.99), so a wrong implementation could still look "close"; the gains below are chosen
-so that pairwise cosines of the golden inputs' embeddings mostly fall in 0.3 .. 0.9.
+cosines > 0.99), so a wrong implementation could still look "close"; the gains below were tuned
+on the golden inputs (none of their pairwise cosines is above 0.99; texts and ViT images mostly
+0.3 .. 0.9, ModifiedResNet images 0.64 .. 0.98) while keeping attention soft and the fp32 noise
+floor (vs float64) at about 2e-6 relative.
 """
 
 from __future__ import annotations

@@ -1,0 +1,62 @@
+"""Interop with transformers' ChineseCLIPModel: its dirs load here, ours load there, same embeddings."""
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, ChineseCLIPConfig, ChineseCLIPModel
+
+from conftest import TINY_VIT
+from modelscope_cnclip import convert, load
+from modelscope_cnclip.hf import config_to_hf
+
+TEXTS = ['杰尼龟', '一只橘猫趴在窗台上晒太阳', 'Pikachu 皮卡丘!']
+
+
+def _features(hf_model, pixels, ids):
+    with torch.no_grad():
+        img = hf_model.get_image_features(pixel_values=pixels)
+        txt = hf_model.get_text_features(input_ids=ids, attention_mask=ids.ne(0).long())
+    # transformers 5 returns model outputs; 4.x returned tensors
+    img = getattr(img, 'pooler_output', img)
+    txt = getattr(txt, 'pooler_output', txt)
+    return img, txt
+
+
+def test_transformers_dir_loads_with_same_embeddings(tmp_path, images):
+    torch.manual_seed(0)
+    hf = ChineseCLIPModel(ChineseCLIPConfig(**config_to_hf(TINY_VIT))).eval()
+    hf.save_pretrained(tmp_path / 'hf')
+    ours = load(tmp_path / 'hf')
+    assert ours.config == TINY_VIT
+    pixels = ours.transform.batch(images)
+    ids = ours.tokenizer(TEXTS)['input_ids']
+    want_img, want_txt = _features(hf, pixels, ids)
+    got_img = ours.model.encode_image(pixels)
+    got_txt = ours.model.encode_text(ids)
+    assert torch.allclose(got_img, want_img, atol=1e-5, rtol=0)
+    assert torch.allclose(got_txt, want_txt, atol=1e-5, rtol=0)
+
+
+def test_to_hf_dir_loads_in_transformers(tmp_path, hub_vit_dir, images):
+    out = convert(hub_vit_dir, tmp_path / 'hf', to='hf')
+    hf, info = ChineseCLIPModel.from_pretrained(out, output_loading_info=True)
+    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys']
+    ours = load(hub_vit_dir)
+    pixels = ours.transform.batch(images)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok(TEXTS, padding=True, return_tensors='pt')['input_ids']
+    assert torch.equal(ids, ours.tokenizer(TEXTS)['input_ids'])
+    want_img, want_txt = _features(hf.eval(), pixels, ids)
+    assert torch.allclose(ours.model.encode_image(pixels), want_img, atol=1e-5, rtol=0)
+    assert torch.allclose(ours.model.encode_text(ids), want_txt, atol=1e-5, rtol=0)
+    proc = json.loads((out / 'preprocessor_config.json').read_text())
+    assert proc['size'] == {'height': 64, 'width': 64} and proc['do_center_crop'] is False
+    assert (out / 'vocab.txt').is_file()
+
+
+def test_hf_config_must_be_chinese_clip_shaped(tmp_path):
+    from modelscope_cnclip.hf import config_from_hf
+    bad = config_to_hf(TINY_VIT)
+    bad['vision_config']['intermediate_size'] = 100
+    with pytest.raises(ValueError, match='intermediate_size = 4 x hidden_size'):
+        config_from_hf(bad)

@@ -1,0 +1,127 @@
+"""Parity with the official implementation: golden outputs of cn_clip 1.6.0 (fp32) on tiny seeded models.
+
+See tests/data/golden/README.md for how they were made. Weights are regenerated bit for bit from spec + seed.
+"""
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import DATA, write_official_pt
+from golden.weights import load_spec, make_state_dict, tensor_digest
+from modelscope_cnclip import convert, load, read_source
+from modelscope.pipelines import pipeline
+from modelscope.utils.constant import Tasks
+
+GOLDEN = DATA / 'golden'
+TOL = 2e-5
+MODELS = ['tiny-vit', 'tiny-rn']
+
+
+class Golden:
+    def __init__(self, name: str, root: Path) -> None:
+        d = GOLDEN / name
+        self.meta = json.loads((d / 'golden.json').read_text(encoding='utf-8'))
+        self.arrays = {k: torch.from_numpy(v) for k, v in np.load(d / 'golden.npz').items()}
+        self.sd = make_state_dict(load_spec(d / 'spec.json'), self.meta['seed'])
+        # A real hub dir: the golden dir's configs and vocab plus the regenerated weights.
+        self.hub_dir = root / name
+        shutil.copytree(d, self.hub_dir, ignore=shutil.ignore_patterns('golden.*', 'spec.json'))
+        torch.save({'state_dict': self.sd}, self.hub_dir / 'pytorch_model.bin')
+        self.images = [Image.open(GOLDEN / 'inputs' / f) for f in self.meta['images']]
+        self.texts = self.meta['texts']
+
+
+@pytest.fixture(scope='module', params=MODELS)
+def golden(request, tmp_path_factory):
+    return Golden(request.param, tmp_path_factory.mktemp('golden'))
+
+
+@pytest.fixture(scope='module')
+def model(golden):
+    return load(golden.hub_dir)
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_features_match(got: torch.Tensor, want: torch.Tensor, names: list) -> None:
+    """Embeddings (L2-normalised) within TOL max abs, as specified; raw features within TOL of each row's scale
+    (a few random-weight ResNet rows reach |x| ~ 400, where fp32 rounding alone is ~1e-4 absolute)."""
+    emb_err = (F.normalize(got, dim=-1) - F.normalize(want, dim=-1)).abs().amax(dim=1)
+    assert emb_err.max() <= TOL, dict(zip(names, emb_err.tolist()))
+    raw_err = (got - want).abs().amax(dim=1) / want.abs().amax(dim=1).clamp(min=1.0)
+    assert raw_err.max() <= TOL, dict(zip(names, raw_err.tolist()))
+
+
+def test_weights_regenerate_bit_for_bit(golden):
+    assert tensor_digest(golden.sd) == golden.meta['weights_sha256']
+
+
+def test_pixels_bit_for_bit_for_every_image_mode(golden, model):
+    for name, img in zip(golden.meta['images'], golden.images):
+        pixels = model.transform(img).numpy()
+        assert pixels.shape == (3, 224, 224)
+        assert hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest() == \
+            golden.meta['pixel_sha256'][name], name
+    batch = model.transform.batch(golden.images)
+    for i, img in enumerate(golden.images):
+        assert torch.equal(batch[i], model.transform(img))
+
+
+def test_token_ids_equal_reference(golden, model):
+    ids52 = model.tokenizer(golden.texts, padding='max_length')['input_ids']
+    ids77 = model.tokenizer(golden.texts, context_length=77, padding='max_length')['input_ids']
+    assert torch.equal(ids52, golden.arrays['token_ids'])
+    assert torch.equal(ids77, golden.arrays['token_ids_77'])
+
+
+def test_image_features_match_reference(golden, model):
+    feats = model.model.encode_image(model.transform.batch(golden.images))
+    assert_features_match(feats, golden.arrays['image_features'], golden.meta['images'])
+
+
+def test_text_features_match_reference_at_both_lengths(golden, model):
+    for ids_key, feat_key in [('token_ids', 'text_features'), ('token_ids_77', 'text_features_77')]:
+        feats = model.model.encode_text(golden.arrays[ids_key])
+        assert_features_match(feats, golden.arrays[feat_key], golden.texts)
+
+
+def test_default_path_sorted_and_trimmed_batches_match(golden, model):
+    want_txt = F.normalize(golden.arrays['text_features'], dim=-1)
+    want_img = F.normalize(golden.arrays['image_features'], dim=-1)
+    assert max_abs(model.encode_text(golden.texts, batch_size=5), want_txt) <= TOL
+    assert max_abs(model.encode_image(golden.images, batch_size=4), want_img) <= TOL
+    assert torch.allclose(model.temperature, torch.tensor(np.exp(-golden.meta['logit_scale']), dtype=torch.float32))
+
+
+def test_pipeline_on_official_pt_matches_reference(golden, tmp_path):
+    pt = write_official_pt(tmp_path / 'clip_cn_tiny.pt', golden.sd)
+    cfg = read_source(golden.hub_dir).config
+    out = convert(pt, tmp_path / 'plugin', config=cfg)
+    p = pipeline(task=Tasks.multi_modal_embedding, model=str(out), device='cpu')
+    res = p({'img': golden.images, 'text': golden.texts})
+    assert max_abs(res['img_embedding'], F.normalize(golden.arrays['image_features'], dim=-1)) <= TOL
+    assert max_abs(res['text_embedding'], F.normalize(golden.arrays['text_features'], dim=-1)) <= TOL
+
+
+def test_hub_pipeline_name_path_matches_reference(golden):
+    p = pipeline(task=Tasks.multi_modal_embedding, model=str(golden.hub_dir),
+                 pipeline_name='cnclip-multi-modal-embedding', device='cpu')
+    res = p.forward({'img': golden.images[:3], 'text': golden.texts[:3]})
+    assert max_abs(res['img_embedding'], F.normalize(golden.arrays['image_features'][:3], dim=-1)) <= TOL
+    assert max_abs(res['text_embedding'], F.normalize(golden.arrays['text_features'][:3], dim=-1)) <= TOL
+
+
+def test_fp16_rounding_is_not_applied_on_cpu(golden, model):
+    # cn_clip's own loader and ModelScope's built-in class round weights to fp16 first; we must not.
+    feats = model.model.encode_image(model.transform.batch(golden.images))
+    assert max_abs(feats, golden.arrays['image_features_fp16_load']) > 10 * TOL
+    assert all(p.dtype == torch.float32 for p in model.model.parameters())

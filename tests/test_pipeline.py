@@ -1,0 +1,151 @@
+"""The ModelScope pipeline, model and preprocessor on every source, as users call them."""
+import numpy as np
+import pytest
+import torch
+from modelscope.models import Model
+from modelscope.pipelines import pipeline
+from modelscope.preprocessors import Preprocessor
+from modelscope.utils.constant import Tasks
+
+import modelscope_cnclip  # noqa: F401  (registers the plugin)
+from conftest import TINY_VIT, write_official_pt
+from modelscope_cnclip.ms import CNClipForMultiModalEmbedding, CNClipPipeline, CNClipPreprocessor
+
+TEXTS = ['杰尼龟', '妙蛙种子', '小火龙', '皮卡丘']
+
+
+@pytest.fixture(scope='module')
+def pipe(plugin_vit_dir):
+    return pipeline(task=Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu')
+
+
+def test_plugin_dir_builds_plugin_pipeline_and_model(pipe):
+    assert isinstance(pipe, CNClipPipeline)
+    assert isinstance(pipe.model, CNClipForMultiModalEmbedding)
+    assert not pipe.model.training and not pipe.model.clip.bert.training
+
+
+def test_forward_and_call_agree_and_are_normalised(pipe, images):
+    a = pipe.forward({'img': images, 'text': TEXTS})
+    b = pipe({'img': images, 'text': TEXTS})
+    for key, n in [('img_embedding', len(images)), ('text_embedding', len(TEXTS))]:
+        assert a[key].shape == (n, 32) and a[key].dtype == torch.float32
+        assert torch.allclose(a[key].norm(dim=-1), torch.ones(n), atol=1e-5)
+        assert torch.equal(a[key], b[key])
+
+
+def test_missing_modality_is_none(pipe, images):
+    out = pipe({'text': '皮卡丘'})
+    assert out['img_embedding'] is None and out['text_embedding'].shape == (1, 32)
+    out = pipe.forward({'img': images[0]})
+    assert out['text_embedding'] is None and out['img_embedding'].shape == (1, 32)
+
+
+def test_repeated_calls_are_identical_despite_dropout_config(pipe, images):
+    assert pipe.model.config.text.hidden_dropout_prob > 0
+    first = pipe({'img': images, 'text': TEXTS})
+    for _ in range(2):
+        again = pipe({'img': images, 'text': TEXTS})
+        assert torch.equal(first['img_embedding'], again['img_embedding'])
+        assert torch.equal(first['text_embedding'], again['text_embedding'])
+
+
+def test_temperature_is_plain_tensor(pipe):
+    t = pipe.model.temperature
+    assert isinstance(t, torch.Tensor) and t.dim() == 0 and not t.requires_grad and t.dtype == torch.float32
+    assert torch.allclose(t, 1 / pipe.model.clip.logit_scale.exp())
+
+
+def test_probabilities_as_in_the_readme(pipe, images):
+    img = pipe.forward({'img': images[:1]})['img_embedding']
+    txt = pipe({'text': TEXTS})['text_embedding']
+    probs = ((img / pipe.model.temperature) @ txt.t()).softmax(-1)
+    assert probs.shape == (1, 4) and torch.allclose(probs.sum(), torch.tensor(1.0))
+
+
+def test_all_input_kinds_give_the_same_embedding(pipe, images, tmp_path):
+    img = images[0]
+    path = tmp_path / 'a.png'
+    img.save(path)
+    kinds = [img, str(path), path, path.read_bytes(), np.asarray(img)]
+    pixels = pipe.preprocessor({'img': kinds})['pixel_values']
+    for row in pixels[1:]:
+        assert torch.equal(row, pixels[0])
+    out = pipe({'img': kinds})['img_embedding']
+    assert torch.allclose(out, out[:1].expand_as(out), atol=1e-6, rtol=0)
+
+
+def test_hub_dir_with_pipeline_name(hub_vit_dir, pipe, images):
+    p = pipeline(task=Tasks.multi_modal_embedding, model=str(hub_vit_dir),
+                 pipeline_name='cnclip-multi-modal-embedding', device='cpu')
+    assert isinstance(p.model, CNClipForMultiModalEmbedding) and p.model.source_layout == 'hub'
+    assert torch.equal(p({'img': images})['img_embedding'], pipe({'img': images})['img_embedding'])
+
+
+def test_model_object_and_official_pt(tmp_path, vit_sd, pipe):
+    pt = write_official_pt(tmp_path / 'clip_cn_tiny.pt', vit_sd)
+    model = CNClipForMultiModalEmbedding(str(pt), config=TINY_VIT, device='cpu')
+    p = pipeline(task=Tasks.multi_modal_embedding, model=model)
+    assert torch.equal(p({'text': TEXTS})['text_embedding'], pipe({'text': TEXTS})['text_embedding'])
+
+
+def test_image_text_retrieval_task_is_registered(plugin_vit_dir):
+    p = pipeline(task=Tasks.image_text_retrieval, model=str(plugin_vit_dir),
+                 pipeline_name='cnclip-multi-modal-embedding', device='cpu')
+    assert isinstance(p, CNClipPipeline)
+
+
+def test_model_and_preprocessor_from_pretrained(plugin_vit_dir, pipe, images):
+    model = Model.from_pretrained(str(plugin_vit_dir))
+    assert isinstance(model, CNClipForMultiModalEmbedding)
+    assert str(next(model.parameters()).device) == 'cpu'  # ModelScope passes device='cuda'; no CUDA here
+    pre = Preprocessor.from_pretrained(str(plugin_vit_dir))
+    assert isinstance(pre, CNClipPreprocessor)
+    batch = pre({'img': images, 'text': TEXTS})
+    assert batch['pixel_values'].shape == (3, 3, 64, 64) and batch['input_ids'][:, 0].eq(101).all()
+    out = model(batch)
+    assert torch.equal(out['img_embedding'], pipe({'img': images})['img_embedding'])
+    assert torch.equal(out['text_embedding'], pipe({'text': TEXTS})['text_embedding'])
+
+
+def test_save_pretrained_round_trip(pipe, tmp_path, images):
+    pipe.model.save_pretrained(tmp_path / 'saved')
+    p = pipeline(task=Tasks.multi_modal_embedding, model=str(tmp_path / 'saved'), device='cpu')
+    assert torch.equal(p({'img': images})['img_embedding'], pipe({'img': images})['img_embedding'])
+
+
+def test_devices_and_precision(plugin_vit_dir, pipe, images):
+    p = pipeline(task=Tasks.multi_modal_embedding, model=str(plugin_vit_dir))  # default device 'gpu'
+    want = torch.device('cuda:0') if torch.cuda.is_available() else torch.device('cpu')
+    assert next(p.model.parameters()).device == want
+    with pytest.raises(ValueError, match="precision='fp16' needs a GPU"):
+        pipeline(task=Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu', precision='fp16')
+    with pytest.raises(ValueError, match="precision='int3'"):
+        pipeline(task=Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu', precision='int3')
+    bf16 = pipeline(task=Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu', precision='bf16')
+    cos = (bf16({'img': images})['img_embedding'] * pipe({'img': images})['img_embedding']).sum(-1)
+    assert (cos > 0.99).all()
+
+
+@pytest.mark.parametrize('bad,exc,match', [
+    ({'image': 'x.jpg'}, ValueError, r"unknown input key\(s\) \['image'\]; use \"img\""),
+    ({}, ValueError, 'neither "img" nor "text"'),
+    ('皮卡丘', TypeError, 'input must be a dict'),
+    ({'text': ['ok', 3]}, TypeError, r'text\[1\]: expected a str, got int'),
+    ({'img': ['missing.jpg']}, FileNotFoundError, "img\\[0\\]: image file 'missing.jpg' not found"),
+    ({'img': [b'not an image']}, ValueError, r'img\[0\]: cannot decode image <12 bytes>'),
+    ({'img': [3.5]}, TypeError, r'img\[0\]: unsupported image input float'),
+])
+def test_bad_input_is_explained(pipe, bad, exc, match):
+    with pytest.raises(exc, match=match):
+        pipe(bad)
+    with pytest.raises(exc, match=match):
+        pipe.forward(bad)
+
+
+def test_foreign_model_object_is_refused():
+    class Other(Model):
+        def forward(self, x):
+            return x
+    with pytest.raises(TypeError, match='not a Chinese CLIP model of this plugin'):
+        CNClipPipeline(Other(model_dir='.', device='cpu'))
