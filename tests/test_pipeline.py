@@ -149,3 +149,18 @@ def test_foreign_model_object_is_refused():
             return x
     with pytest.raises(TypeError, match='not a Chinese CLIP model of this plugin'):
         CNClipPipeline(Other(model_dir='.', device='cpu'))
+
+
+def test_device_spellings(monkeypatch):
+    from modelscope_cnclip.inference import resolve_device
+    assert resolve_device('cpu') == torch.device('cpu')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert resolve_device('cuda:1') == torch.device('cpu')  # falls back like ModelScope
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert resolve_device('gpu') == torch.device('cuda')
+    assert resolve_device('gpu:1') == torch.device('cuda:1') == resolve_device('cuda:1')
+    with pytest.raises(ValueError, match=r"device='cuda:5': only 2 CUDA device\(s\) visible"):
+        resolve_device('cuda:5')
+    with pytest.raises(ValueError, match="device='tpu'"):
+        resolve_device('tpu')
