@@ -122,9 +122,8 @@ class CNClip:
 
     def __init__(self, model: CLIP, tokenizer: Tokenizer, transform: ImageTransform, checkpoint_info: str = '',
                  device: str | torch.device | None = 'cpu', precision: str = 'fp32') -> None:
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(precision, self.device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        target = resolve_device(device)
+        self.model = model.to(device=target, dtype=resolve_dtype(precision, target)).eval()
         self.tokenizer = tokenizer
         self.transform = transform
         self.checkpoint_info = checkpoint_info
@@ -141,19 +140,32 @@ class CNClip:
         return self.model.config
 
     @property
+    def device(self) -> torch.device:
+        return self.model.text_projection.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.text_projection.dtype
+
+    @property
     def temperature(self) -> torch.Tensor:
         """``1 / exp(logit_scale)`` as a 0-dim float32 tensor without grad."""
         return (1.0 / self.model.logit_scale.detach().float().exp()).clone()
 
     def encode_image(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor,
                      batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
-        """L2-normalised image embeddings ``(N, D)``; one input or a list of them."""
-        if not isinstance(images, (list, tuple, torch.Tensor)):
+        """L2-normalised image embeddings ``(N, D)`` of one image input, a list of them, or pixels
+        (``(3, R, R)`` or ``(N, 3, R, R)``)."""
+        if isinstance(images, torch.Tensor):
+            images = images.unsqueeze(0) if images.dim() == 3 else images
+        elif not isinstance(images, (list, tuple)):
             images = [images]
         return encode_images(self.model, self.transform, images, batch_size)
 
     def encode_text(self, texts: str | Sequence[str] | torch.Tensor, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
-        """L2-normalised text embeddings ``(N, D)``; a str or a list of str."""
+        """L2-normalised text embeddings ``(N, D)`` of a str, a list of str, or token ids (``(L,)`` or ``(N, L)``)."""
+        if isinstance(texts, torch.Tensor) and texts.dim() == 1:
+            texts = texts.unsqueeze(0)
         return encode_texts(self.model, self.tokenizer, texts, batch_size)
 
     def similarity(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str]) -> torch.Tensor:

@@ -155,3 +155,16 @@ def test_unknown_source_and_layout_errors(tmp_path, hub_vit_dir):
         read_source(tmp_path / 'empty')
     with pytest.raises(ValueError, match="unknown target layout 'onnx'"):
         convert(hub_vit_dir, tmp_path / 'x', to='onnx')
+
+
+def test_builtin_trainer_output_dir_without_model_configs(tmp_path, vit_sd):
+    # ModelScope's built-in trainer writes output/ with a configuration.json lacking "model" and clip_model. keys.
+    d = tmp_path / 'output'
+    d.mkdir()
+    (d / 'configuration.json').write_text(json.dumps({'framework': 'pytorch', 'task': 'multi-modal-embedding'}))
+    torch.save({'clip_model.' + k: v for k, v in vit_sd.items()}, d / 'pytorch_model.bin')
+    ckpt = read_source(d, config=TINY_VIT)
+    assert ckpt.layout == 'official'
+    assert_same(ckpt.state_dict, vit_sd)
+    out = convert(d, tmp_path / 'plugin', config=TINY_VIT)
+    assert_same(read_source(out).state_dict, vit_sd)

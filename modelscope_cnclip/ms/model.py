@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from modelscope.models.base import TorchModel
@@ -11,28 +11,13 @@ from modelscope.outputs import OutputKeys
 from modelscope.utils.constant import Tasks
 
 from ..config import CLIPConfig
-from ..inference import CNClip, encode_images, encode_texts
+from ..inference import CNClip
 from ..sources import LAYOUTS, Checkpoint, default_configuration, read_source, write_dir
-from ..transform import ImageInput
 
 MODEL_TYPE = 'cnclip'
 PIPELINE_TYPE = 'cnclip-multi-modal-embedding'
 RAW_KEYS = ('img', 'text')
 TENSOR_KEYS = ('pixel_values', 'input_ids', 'attention_mask')
-
-
-def as_image_list(img: Any) -> list[ImageInput] | torch.Tensor:
-    """One image input, a list of them, or a pixel tensor (``(3,R,R)`` or ``(N,3,R,R)``)."""
-    if isinstance(img, torch.Tensor):
-        return img.unsqueeze(0) if img.dim() == 3 else img
-    return list(img) if isinstance(img, (list, tuple)) else [img]
-
-
-def as_text_input(text: Any) -> Sequence[str] | torch.Tensor:
-    """A str, a list of str, or token ids (``(L,)`` or ``(N, L)``)."""
-    if isinstance(text, torch.Tensor):
-        return text.unsqueeze(0) if text.dim() == 1 else text
-    return text
 
 
 def check_input_keys(inputs: Any) -> None:
@@ -67,10 +52,10 @@ class CNClipForMultiModalEmbedding(TorchModel):
                                  'or checkpoint')
             checkpoint = read_source(model_dir, config, revision=revision)
         super().__init__(model_dir=str(model_dir or checkpoint.source), device=str(device or 'cpu'))
-        core = CNClip.from_checkpoint(checkpoint, device=device, precision=precision)
-        self.clip = core.model
-        self.tokenizer = core.tokenizer
-        self.transform = core.transform
+        self.core = CNClip.from_checkpoint(checkpoint, device=device, precision=precision)
+        self.clip = self.core.model  # registered as the submodule that trainers and .to() see
+        self.tokenizer = self.core.tokenizer
+        self.transform = self.core.transform
         self.arch = checkpoint.name
         self.source_layout = checkpoint.layout
         self.vocab_file = checkpoint.vocab_file
@@ -85,23 +70,15 @@ class CNClipForMultiModalEmbedding(TorchModel):
     @property
     def temperature(self) -> torch.Tensor:
         """``1 / exp(logit_scale)``: a 0-dim float32 tensor without grad."""
-        return (1.0 / self.clip.logit_scale.detach().float().exp()).clone()
-
-    def encode_image(self, img: Any, batch_size: int = 64) -> torch.Tensor:
-        """L2-normalised ``(N, D)`` embeddings of one image input, a list of them or a pixel tensor."""
-        return encode_images(self.clip, self.transform, as_image_list(img), batch_size)
-
-    def encode_text(self, text: Any, batch_size: int = 64) -> torch.Tensor:
-        """L2-normalised ``(N, D)`` embeddings of a str, a list of str or token ids."""
-        return encode_texts(self.clip, self.tokenizer, as_text_input(text), batch_size)
+        return self.core.temperature
 
     def forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``{'img'|'pixel_values': ..., 'text'|'input_ids': ...}`` -> embeddings (missing modality -> ``None``)."""
         check_input_keys(inputs)
         img = inputs.get('pixel_values', inputs.get('img'))
         text = inputs.get('input_ids', inputs.get('text'))
-        return {OutputKeys.IMG_EMBEDDING: None if img is None else self.encode_image(img),
-                OutputKeys.TEXT_EMBEDDING: None if text is None else self.encode_text(text)}
+        return {OutputKeys.IMG_EMBEDDING: None if img is None else self.core.encode_image(img),
+                OutputKeys.TEXT_EMBEDDING: None if text is None else self.core.encode_text(text)}
 
     def to_checkpoint(self) -> Checkpoint:
         """The current weights (fp32, CPU) as a :class:`Checkpoint`."""

@@ -13,7 +13,7 @@ from ..config import PreprocessConfig
 from ..sources import read_config
 from ..tokenizer import Tokenizer
 from ..transform import ImageTransform
-from .model import as_image_list, as_text_input, check_input_keys
+from .model import check_input_keys
 
 PREPROCESSOR_TYPE = 'cnclip-preprocessor'
 
@@ -45,13 +45,15 @@ class CNClipPreprocessor(Preprocessor):
         for key in ('pixel_values', 'input_ids', 'attention_mask'):
             if data.get(key) is not None:
                 out[key] = data[key]
-        if data.get('img') is not None and 'pixel_values' not in out:
-            images = as_image_list(data['img'])
-            out['pixel_values'] = images if isinstance(images, torch.Tensor) else self.transform.batch(images)
-        if data.get('text') is not None and 'input_ids' not in out:
-            text = as_text_input(data['text'])
+        img, text = data.get('img'), data.get('text')
+        if img is not None and 'pixel_values' not in out:
+            if isinstance(img, torch.Tensor):
+                out['pixel_values'] = img.unsqueeze(0) if img.dim() == 3 else img
+            else:
+                out['pixel_values'] = self.transform.batch(img if isinstance(img, (list, tuple)) else [img])
+        if text is not None and 'input_ids' not in out:
             if isinstance(text, torch.Tensor):
-                out['input_ids'] = text
+                out['input_ids'] = text.unsqueeze(0) if text.dim() == 1 else text
             else:
                 out.update(self.tokenizer(text))
         return out
