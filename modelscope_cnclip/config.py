@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 __all__ = [
     'CLIPConfig', 'TextConfig', 'VisionConfig', 'PreprocessConfig', 'available_models', 'get_config',
@@ -213,7 +213,8 @@ def _parse_layers(value: Any, where: str) -> int | tuple[int, ...]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise ValueError(f'{where}.vision_layers: cannot parse {value!r}; use an int or a list like [3, 4, 6, 3]')
+            raise ValueError(f'{where}.vision_layers: cannot parse {value!r}; '
+                             f'use an int or a list like [3, 4, 6, 3]') from None
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -245,8 +246,3 @@ def config_to_hub(cfg: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         vision['vision_head_width'] = v.head_width
     text = {hub: getattr(cfg.text, ours) for hub, ours in _HUB_TEXT_KEYS.items()}
     return vision, text
-
-
-def resnet_layers(cfg: VisionConfig) -> Sequence[int]:
-    assert cfg.is_resnet
-    return cfg.layers  # type: ignore[return-value]

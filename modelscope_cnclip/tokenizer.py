@@ -11,10 +11,9 @@ reference keeps and maps to ``[UNK]``), and a word may have up to 200 characters
 """
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Sequence
-
-import unicodedata
 
 import torch
 

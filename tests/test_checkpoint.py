@@ -5,12 +5,20 @@ import pickle
 import pytest
 import torch
 
-from conftest import TINY_RN, TINY_VIT, write_hub_dir, write_official_pt
 from modelscope_cnclip import convert, load, read_source
-from modelscope_cnclip.checkpoint import (check_state_dict, hf_to_official, infer_config, official_to_hf,
-                                          read_checkpoint, strip_prefixes, to_official)
+from modelscope_cnclip.checkpoint import (
+    check_state_dict,
+    hf_to_official,
+    infer_config,
+    official_to_hf,
+    read_checkpoint,
+    strip_prefixes,
+    to_official,
+)
 from modelscope_cnclip.config import available_models, get_config
 from modelscope_cnclip.model import CLIP
+
+from conftest import TINY_RN, TINY_VIT, write_hub_dir, write_official_pt
 
 
 def assert_same(a, b):
@@ -95,7 +103,8 @@ def test_mismatch_names_keys_and_detected_architecture(tmp_path, vit_sd):
         load(path, config=TINY_VIT)
     msg = str(e.value)
     assert 'weights do not fit the architecture custom' in msg
-    assert "visual.proj: checkpoint (64, 16) vs model (64, 32)" in msg and "missing key(s), first: ['visual.ln_post.bias']" in msg
+    assert 'visual.proj: checkpoint (64, 16) vs model (64, 32)' in msg
+    assert "missing key(s), first: ['visual.ln_post.bias']" in msg
 
 
 def test_shipped_arch_mismatch_names_it():

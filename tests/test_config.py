@@ -4,8 +4,15 @@ import json
 import pytest
 import torch
 
-from modelscope_cnclip.config import (CLIPConfig, VisionConfig, available_models, config_from_hub, config_to_hub,
-                                      get_config, match_architecture)
+from modelscope_cnclip.config import (
+    CLIPConfig,
+    VisionConfig,
+    available_models,
+    config_from_hub,
+    config_to_hub,
+    get_config,
+    match_architecture,
+)
 from modelscope_cnclip.model import CLIP
 
 # Published parameter counts in millions (all / vision / text tower without projection), REFERENCE.md §1.

@@ -5,9 +5,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, ChineseCLIPConfig, ChineseCLIPModel
 
-from conftest import TINY_VIT
 from modelscope_cnclip import convert, load
 from modelscope_cnclip.hf import config_to_hf
+
+from conftest import TINY_VIT
 
 TEXTS = ['杰尼龟', '一只橘猫趴在窗台上晒太阳', 'Pikachu 皮卡丘!']
 

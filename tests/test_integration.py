@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_VIT, write_official_pt
 from modelscope_cnclip import convert, load
 from modelscope_cnclip.cli import main
+
+from conftest import TINY_VIT, write_official_pt
 
 REPO = Path(__file__).resolve().parents[1]
 

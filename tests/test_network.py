@@ -14,9 +14,10 @@ HUB_ID = 'damo/multi-modal_clip-vit-base-patch16_zh'
 
 @pytest.mark.network
 def test_readme_quick_start_gives_the_published_pokemon_probabilities():
-    import modelscope_cnclip  # noqa: F401
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
+
+    import modelscope_cnclip  # noqa: F401
 
     p = pipeline(task=Tasks.multi_modal_embedding, model=HUB_ID, pipeline_name='cnclip-multi-modal-embedding',
                  device='cpu')

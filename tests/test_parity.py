@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from modelscope.pipelines import pipeline
+from modelscope.utils.constant import Tasks
 from PIL import Image
+
+from modelscope_cnclip import convert, load, read_source
 
 from conftest import DATA, write_official_pt
 from golden.weights import load_spec, make_state_dict, tensor_digest
-from modelscope_cnclip import convert, load, read_source
-from modelscope.pipelines import pipeline
-from modelscope.utils.constant import Tasks
 
 GOLDEN = DATA / 'golden'
 TOL = 2e-5

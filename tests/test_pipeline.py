@@ -8,8 +8,9 @@ from modelscope.preprocessors import Preprocessor
 from modelscope.utils.constant import Tasks
 
 import modelscope_cnclip  # noqa: F401  (registers the plugin)
-from conftest import TINY_VIT, write_official_pt
 from modelscope_cnclip.ms import CNClipForMultiModalEmbedding, CNClipPipeline, CNClipPreprocessor
+
+from conftest import TINY_VIT, write_official_pt
 
 TEXTS = ['杰尼龟', '妙蛙种子', '小火龙', '皮卡丘']
 

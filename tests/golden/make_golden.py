@@ -37,16 +37,15 @@ import sys
 import zipfile
 from pathlib import Path
 
+import cn_clip
+import cn_clip.clip
+import cn_clip.clip.model
 import numpy as np
 import PIL
 import torch
 import torchvision
-from PIL import Image
-
-import cn_clip
-import cn_clip.clip
-import cn_clip.clip.model
 from cn_clip.clip.model import CLIP, convert_weights
+from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
