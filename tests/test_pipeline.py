@@ -1,4 +1,7 @@
 """The ModelScope pipeline, model and preprocessor on every source, as users call them."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +114,9 @@ def test_model_and_preprocessor_from_pretrained(plugin_vit_dir, pipe, images):
 
 def test_save_pretrained_round_trip(pipe, tmp_path, images):
     pipe.model.save_pretrained(tmp_path / 'saved')
+    root = Path(__file__).resolve().parents[1] / 'configuration.json'
+    assert json.loads((tmp_path / 'saved' / 'configuration.json').read_text()) == json.loads(root.read_text())
+    assert (tmp_path / 'saved' / 'model.safetensors').is_file()
     p = pipeline(task=Tasks.multi_modal_embedding, model=str(tmp_path / 'saved'), device='cpu')
     assert torch.equal(p({'img': images})['img_embedding'], pipe({'img': images})['img_embedding'])
 
