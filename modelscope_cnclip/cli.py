@@ -39,7 +39,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_similarity(args: argparse.Namespace) -> int:
     from .inference import load
-    model = load(args.model, device=args.device, precision=args.precision, config=args.config)
+    model = load(args.model, device=args.device, precision=args.precision, config=args.config,
+                 fast_decode=args.fast_decode)
     probs = model.similarity(args.image, args.texts)[0].tolist()
     if args.json:
         print(json.dumps({t: p for t, p in zip(args.texts, probs)}, ensure_ascii=False))
@@ -79,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('image', help='image path or http(s) URL')
     p.add_argument('texts', nargs='+', help='candidate texts')
     p.add_argument('--device', default='cpu', help="cpu, gpu, cuda:1, ... (default cpu)")
-    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'], help='default fp32 (exact)')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
+                   help='fp32 (default, exact), bf16 (fast on AVX512-BF16/AMX CPUs and GPUs), fp16 (GPU)')
+    p.add_argument('--fast-decode', action='store_true', help='reduced-size JPEG decoding (faster, slightly inexact)')
     p.add_argument('--config', help=config_help)
     p.add_argument('--json', action='store_true', help='print one JSON object {text: probability}')
     return parser

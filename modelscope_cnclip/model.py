@@ -25,6 +25,25 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+MLP_CHUNK_ROWS = 256  # rows whose 4W-wide hidden activations stay in cache during the elementwise GELU
+
+
+def _mlp_inference(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(x)`` without autograd, in row chunks, with the GELU computed in place.
+
+    Same operations per element as the module (``h * sigmoid(1.702 * h)``), so results match it; the 4x wide
+    hidden activations never leave the cache, which saves most of the GELU's memory traffic on CPUs.
+    """
+    fc, proj = mlp.c_fc, mlp.c_proj
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.empty(flat.shape[0], proj.out_features, dtype=x.dtype, device=x.device)
+    for start in range(0, flat.shape[0], MLP_CHUNK_ROWS):
+        h = F.linear(flat[start:start + MLP_CHUNK_ROWS], fc.weight, fc.bias)
+        h.mul_(torch.sigmoid(h * 1.702))
+        out[start:start + MLP_CHUNK_ROWS] = F.linear(h, proj.weight, proj.bias)
+    return out.view(*x.shape[:-1], proj.out_features)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names and fused SDPA."""
 
@@ -36,12 +55,19 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, w = x.shape  # (B, L, W)
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, w // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, Dh)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
+    def forward(self, x: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """Attend over all of ``x`` (B, L, W); with ``first_only`` only the first token's output is computed."""
+        b, n, w = x.shape
+        h, dh = self.heads, w // self.heads
+        if first_only:
+            q = F.linear(x[:, :1], self.in_proj_weight[:w], self.in_proj_bias[:w]).view(b, 1, h, dh).transpose(1, 2)
+            kv = F.linear(x, self.in_proj_weight[w:], self.in_proj_bias[w:]).view(b, n, 2, h, dh)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, L, Dh)
+        else:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, h, dh)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, Dh)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, Lq, Dh)
+        return self.out_proj(out.transpose(1, 2).reshape(b, q.shape[2], w))
 
 
 class ResidualBlock(nn.Module):
@@ -53,9 +79,13 @@ class ResidualBlock(nn.Module):
         self.mlp = nn.Sequential(OrderedDict([
             ('c_fc', nn.Linear(width, width * 4)), ('gelu', QuickGELU()), ('c_proj', nn.Linear(width * 4, width))]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """(B, L, W) -> (B, L, W), or (B, 1, W) for the first (class) token alone when ``first_only``."""
+        x = (x[:, :1] if first_only else x) + self.attn(self.ln_1(x), first_only=first_only)
+        y = self.ln_2(x)
+        if torch.is_grad_enabled() and (self.training or y.requires_grad):
+            return x + self.mlp(y)
+        return x + _mlp_inference(self.mlp, y)
 
 
 class Transformer(nn.Module):
@@ -64,12 +94,15 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(ResidualBlock(width, heads) for _ in range(layers))
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
+        """(B, L, W) -> (B, L, W); with ``class_token_only`` the last block computes token 0 only: (B, 1, W)."""
+        last = len(self.resblocks) - 1
+        for i, block in enumerate(self.resblocks):
+            first_only = class_token_only and i == last
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, first_only, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, first_only=first_only)
         return x
 
 
@@ -98,7 +131,8 @@ class VisionTransformer(nn.Module):
         if mask_ratio > 0:
             x = _keep_random_patches(x, mask_ratio)
         x = self.ln_pre(x)
-        x = self.transformer(x)
+        # Only the class token is read out, so the last block skips the other tokens' outputs (~7% of the work).
+        x = self.transformer(x, class_token_only=True)
         return self.ln_post(x[:, 0, :]) @ self.proj  # (B, D)
 
 
@@ -245,7 +279,7 @@ class CLIP(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
         """``(B, 3, R, R)`` normalised pixels -> ``(B, D)`` image features."""
-        return self.visual(pixel_values.to(self.dtype), mask_ratio=mask_ratio)
+        return self.visual(pixel_values.to(self.visual.conv1.weight.dtype), mask_ratio=mask_ratio)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, L)`` token ids (``[PAD]=0``) -> ``(B, D)`` text features from the [CLS] hidden state."""

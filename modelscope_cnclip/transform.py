@@ -6,9 +6,10 @@ from __future__ import annotations
 import io
 import os
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -31,9 +32,12 @@ def _describe(obj: Any) -> str:
     return repr(obj) if len(repr(obj)) < 200 else repr(obj)[:200] + '...'
 
 
-def _open_bytes(data: bytes, what: str) -> Image.Image:
+def _open_bytes(data: bytes, what: str, draft: int | None = None) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
+        if draft:
+            # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling), keeping both sides >= draft.
+            img.draft(img.mode, (draft, draft))
         img.load()  # decode now, so a truncated file fails here and not deep in a batch
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f'cannot decode image {what}: {e}') from None
@@ -52,13 +56,15 @@ def _from_array(arr: np.ndarray) -> Image.Image:
                      f'a CxHxW array needs arr.transpose(1, 2, 0)')
 
 
-def load_image(obj: ImageInput, timeout: float = 30.0) -> Image.Image:
+def load_image(obj: ImageInput, timeout: float = 30.0, draft: int | None = None) -> Image.Image:
     """Open one image input as a decoded PIL image (in its own mode; preprocessing converts it).
 
     Args:
         obj: a PIL image, file path (str or ``os.PathLike``), http(s) URL, raw encoded bytes, or a numpy
             ``HxW`` / ``HxWxC`` uint8 array (RGB order).
         timeout: seconds allowed for a URL download.
+        draft: decode JPEGs at a reduced size no smaller than ``draft`` x ``draft`` (much faster for photos,
+            slightly different pixels); ``None`` decodes exactly.
 
     Raises:
         FileNotFoundError: a path that does not exist. ValueError: bytes or a file that is not an image.
@@ -67,7 +73,7 @@ def load_image(obj: ImageInput, timeout: float = 30.0) -> Image.Image:
     if isinstance(obj, Image.Image):
         return obj
     if isinstance(obj, (bytes, bytearray, memoryview)):
-        return _open_bytes(bytes(obj), _describe(obj))
+        return _open_bytes(bytes(obj), _describe(obj), draft)
     if isinstance(obj, np.ndarray):
         return _from_array(obj)
     if isinstance(obj, str) and obj.startswith(('http://', 'https://')):
@@ -76,21 +82,28 @@ def load_image(obj: ImageInput, timeout: float = 30.0) -> Image.Image:
                 data = resp.read()
         except OSError as e:
             raise OSError(f'cannot download image {obj}: {e}') from None
-        return _open_bytes(data, obj)
+        return _open_bytes(data, obj, draft)
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj)
         if not path.is_file():
             raise FileNotFoundError(f'image file {str(obj)!r} not found (looked in {path.resolve().parent})')
-        return _open_bytes(path.read_bytes(), repr(str(obj)))
+        return _open_bytes(path.read_bytes(), repr(str(obj)), draft)
     raise TypeError(f'unsupported image input {type(obj).__name__}: {_describe(obj)}; use {_ACCEPTED}')
 
 
 class ImageTransform:
-    """Preprocess images for one model: ``__call__`` for one, :meth:`batch` for many (inputs loaded in threads)."""
+    """Preprocess images for one model: ``__call__`` for one, :meth:`batch` for many (inputs loaded in threads).
 
-    def __init__(self, cfg: PreprocessConfig) -> None:
+    Args:
+        cfg: the model's preprocessing.
+        fast_decode: decode JPEG files/bytes/URLs with reduced-size DCT decoding before the bicubic resize
+            (several times faster on large photos; embeddings change slightly, see benchmarks/RESULTS.md).
+    """
+
+    def __init__(self, cfg: PreprocessConfig, fast_decode: bool = False) -> None:
         self.cfg = cfg
         self.size = cfg.image_size
+        self.fast_decode = fast_decode
         self._resample = _RESAMPLE[cfg.interpolation]
         self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
@@ -107,34 +120,53 @@ class ImageTransform:
         x = pixels.movedim(-1, -3).contiguous().to(torch.float32).div(255)
         return x.sub_(self._mean).div_(self._std)
 
+    def load(self, image: ImageInput, index: int | None = None) -> np.ndarray:
+        """Decode and resize one input -> ``(R, R, 3)`` uint8; errors name ``img[index]`` when given."""
+        try:
+            return self.to_uint8(load_image(image, draft=self.size if self.fast_decode else None))
+        except (OSError, ValueError, TypeError) as e:
+            if index is None:
+                raise
+            raise type(e)(f'img[{index}]: {e}') from None
+
     def __call__(self, image: ImageInput) -> torch.Tensor:
         """One image input -> ``(3, R, R)`` float32."""
-        return self.normalize(torch.from_numpy(self.to_uint8(load_image(image)).copy()))
+        return self.normalize(torch.from_numpy(self.load(image).copy()))
 
     def batch(self, images: Sequence[ImageInput], num_threads: int = 0) -> torch.Tensor:
-        """Many image inputs -> ``(N, 3, R, R)`` float32; decoding and resizing run in ``num_threads`` threads
-        (0: up to 8, by CPU count). Errors name the index of the failing input."""
-        def work(item: tuple[int, ImageInput]) -> np.ndarray:
-            i, obj = item
-            try:
-                return self.to_uint8(load_image(obj))
-            except (OSError, ValueError, TypeError) as e:
-                raise type(e)(f'img[{i}]: {e}') from None
+        """Many image inputs -> ``(N, 3, R, R)`` float32, decoded in threads (see :meth:`batches`)."""
+        items = list(images)
+        out = list(self.batches(items, max(1, len(items)), num_threads))
+        return out[0] if out else torch.empty(0, 3, self.size, self.size)
 
-        items = list(enumerate(images))
-        if not items:
-            return torch.empty(0, 3, self.size, self.size)
-        threads = num_threads or min(8, os.cpu_count() or 1, len(items))
-        if threads <= 1 or len(items) == 1:
-            arrays = [work(it) for it in items]
-        else:
-            with ThreadPoolExecutor(threads) as pool:
-                arrays = list(pool.map(work, items))
-        return self.normalize(torch.from_numpy(np.stack(arrays)))
+    def batches(self, images: Sequence[ImageInput], batch_size: int, num_threads: int = 0,
+                prefetch: int = 2) -> Iterator[torch.Tensor]:
+        """Yield ``(n, 3, R, R)`` batches while decoding up to ``prefetch`` batches ahead in ``num_threads``
+        threads (0: one per CPU, at most 8), so decoding overlaps the model's work on the current batch.
+        PIL releases the GIL while it decodes and resizes. Errors name the index of the failing input."""
+        items = list(images)
+        threads = num_threads or min(8, os.cpu_count() or 1)
+        if threads <= 1 or len(items) <= 1:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                yield self.normalize(torch.from_numpy(np.stack([self.load(x, start + i) for i, x in enumerate(chunk)])))
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix='cnclip-decode') as pool:
+            pending: deque[Future] = deque()
+            submitted = 0
+            ahead = batch_size * (prefetch + 1)
+            for start in range(0, len(items), batch_size):
+                while submitted < min(len(items), start + ahead):
+                    pending.append(pool.submit(self.load, items[submitted], submitted))
+                    submitted += 1
+                n = min(batch_size, len(items) - start)
+                arrays = [pending.popleft().result() for _ in range(n)]
+                yield self.normalize(torch.from_numpy(np.stack(arrays)))
 
 
-def image_transform(cfg: PreprocessConfig | None = None, image_size: int | None = None) -> ImageTransform:
+def image_transform(cfg: PreprocessConfig | None = None, image_size: int | None = None,
+                    fast_decode: bool = False) -> ImageTransform:
     """The preprocessing of a model (``cfg``), or the standard one at ``image_size`` (224 by default)."""
     if cfg is None:
         cfg = PreprocessConfig(image_size=image_size or 224)
-    return ImageTransform(cfg)
+    return ImageTransform(cfg, fast_decode)

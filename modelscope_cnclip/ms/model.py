@@ -38,21 +38,22 @@ class CNClipForMultiModalEmbedding(TorchModel):
         model_dir: any source :func:`modelscope_cnclip.read_source` reads (model dir of any layout, weights file,
             hub id). ``Model.from_pretrained`` passes the plugin dir here.
         device: ``'cpu'``, ``'gpu'``, ``'cuda:1'``, ...; ModelScope passes ``'cuda'`` by default (falls back to CPU).
-        precision: ``'fp32'``, ``'bf16'`` or ``'fp16'`` (GPU).
+        precision: ``'fp32'`` (exact), ``'bf16'`` (fast) or ``'fp16'`` (GPU).
         config: override the architecture (name, :class:`CLIPConfig` or JSON path).
         checkpoint: an already-read :class:`Checkpoint` instead of ``model_dir``.
+        fast_decode: decode JPEGs at reduced size before the resize (faster on photos, slightly inexact).
     """
 
     def __init__(self, model_dir: str | None = None, device: str | None = None, precision: str = 'fp32',
                  config: CLIPConfig | str | None = None, checkpoint: Checkpoint | None = None,
-                 revision: str | None = None, **kwargs: Any) -> None:
+                 revision: str | None = None, fast_decode: bool = False, **kwargs: Any) -> None:
         if checkpoint is None:
             if model_dir is None:
                 raise ValueError('CNClipForMultiModalEmbedding needs model_dir (a model dir, weights file or hub id) '
                                  'or checkpoint')
             checkpoint = read_source(model_dir, config, revision=revision)
         super().__init__(model_dir=str(model_dir or checkpoint.source), device=str(device or 'cpu'))
-        self.core = CNClip.from_checkpoint(checkpoint, device=device, precision=precision)
+        self.core = CNClip.from_checkpoint(checkpoint, device=device, precision=precision, fast_decode=fast_decode)
         self.clip = self.core.model  # registered as the submodule that trainers and .to() see
         self.tokenizer = self.core.tokenizer
         self.transform = self.core.transform
