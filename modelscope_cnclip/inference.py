@@ -127,11 +127,18 @@ class CNClip:
                  device: str | torch.device | None = 'cpu', precision: str = 'fp32') -> None:
         target = resolve_device(device)
         dtype = resolve_dtype(precision, target)
-        self.model = model.to(device=target, dtype=dtype).eval()
-        if dtype != torch.float32 and model.config.vision.is_resnet and target.type == 'cpu':
-            # Half-precision BatchNorm'd convolutions drift (cosine < 0.999) and gain little on CPUs.
+        # Half-precision BatchNorm'd convolutions drift (cosine < 0.999) and gain little on CPUs: there a ResNet
+        # image tower stays fp32 while the text tower runs in the requested precision.
+        keep_visual = dtype != torch.float32 and model.config.vision.is_resnet and target.type == 'cpu'
+        model.to(device=target)
+        for name, child in model.named_children():
+            if not (keep_visual and name == 'visual'):
+                child.to(dtype)
+        for param in model.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+        if keep_visual:
             logger.info('ResNet image tower kept in fp32 on the CPU; the text tower runs in %s', precision)
-            self.model.visual.float()
+        self.model = model.eval()
         self.tokenizer = tokenizer
         self.transform = transform
         self.checkpoint_info = checkpoint_info
