@@ -146,7 +146,11 @@ class CNClip:
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device: str | torch.device | None = 'cpu',
                         precision: str = 'fp32', fast_decode: bool = False) -> 'CNClip':
-        return cls(build_model(ckpt), Tokenizer(ckpt.vocab_file, ckpt.config.context_length),
+        """Build from a read checkpoint. The model adopts its tensors (no copy) and ``ckpt.state_dict`` is
+        emptied, so a cast to bf16/fp16 frees each fp32 tensor as it goes (peak memory ~ one model)."""
+        model = build_model(ckpt)
+        ckpt.state_dict = {}
+        return cls(model, Tokenizer(ckpt.vocab_file, ckpt.config.context_length),
                    ImageTransform(ckpt.config.preprocess, fast_decode),
                    f'{ckpt.name} from {ckpt.source} ({ckpt.layout})', device, precision)
 
