@@ -51,6 +51,14 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_split
+    from .inference import load
+    model = load(args.model, device=args.device, precision=args.precision, config=args.config)
+    print(json.dumps(evaluate_split(model, args.data, args.split, args.batch_size)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='cnclip', description='Chinese CLIP for ModelScope.')
     parser.add_argument('-v', '--verbose', action='store_true', help='log progress (INFO level)')
@@ -85,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--fast-decode', action='store_true', help='reduced-size JPEG decoding (faster, slightly inexact)')
     p.add_argument('--config', help=config_help)
     p.add_argument('--json', action='store_true', help='print one JSON object {text: probability}')
+
+    p = add('eval', _cmd_eval, 'text-to-image and image-to-text retrieval R@1/5/10 and MR (official scoring)')
+    p.add_argument('model', help='model dir (any layout), weights file or ModelScope hub id')
+    p.add_argument('--data', required=True, help='dir with {split}_imgs.tsv and {split}_texts.jsonl')
+    p.add_argument('--split', default='valid', help='default valid')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--device', default='cpu', help="cpu, gpu, cuda:1, ... (default cpu)")
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    p.add_argument('--config', help=config_help)
     return parser
 
 

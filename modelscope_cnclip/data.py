@@ -1,0 +1,164 @@
+"""Image-text data in the official Chinese-CLIP format, and a generated dataset with known answers.
+
+Official format, per split: ``{split}_imgs.tsv`` (``image_id<TAB>base64 image`` per line) and
+``{split}_texts.jsonl`` (``{"text_id", "text", "image_ids": [...]}`` per line). Images are indexed by file offset
+and decoded on demand, so a large split costs no memory up front.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image, ImageDraw
+
+__all__ = ['TextRecord', 'OfficialSplit', 'read_texts_jsonl', 'write_official_split', 'make_synthetic_split']
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    text_id: int | str
+    text: str
+    image_ids: tuple
+
+
+def read_texts_jsonl(path: str | Path) -> list[TextRecord]:
+    """Read ``{split}_texts.jsonl``; errors name the file and line."""
+    records = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                rec = TextRecord(obj['text_id'], obj['text'], tuple(obj.get('image_ids', ())))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f'{path}:{n}: expected {{"text_id", "text", "image_ids"}} JSON ({e})') from None
+            if not isinstance(rec.text, str):
+                raise ValueError(f'{path}:{n}: "text" must be a string')
+            records.append(rec)
+    return records
+
+
+class OfficialSplit:
+    """One split of an official-format dataset dir: its texts and lazily decoded images.
+
+    Args:
+        data_dir: folder with ``{split}_imgs.tsv`` and ``{split}_texts.jsonl``.
+        split: ``'train'``, ``'valid'``, ``'test'``, ...
+    """
+
+    def __init__(self, data_dir: str | Path, split: str) -> None:
+        d = Path(data_dir)
+        self.imgs_path, texts_path = d / f'{split}_imgs.tsv', d / f'{split}_texts.jsonl'
+        missing = [p.name for p in (self.imgs_path, texts_path) if not p.is_file()]
+        if missing:
+            found = sorted(p.name for p in d.iterdir()) if d.is_dir() else 'no such directory'
+            raise FileNotFoundError(f'{d}: split {split!r} needs {missing} (official Chinese-CLIP format); '
+                                    f'found {found}')
+        self.texts = read_texts_jsonl(texts_path)
+        self._offsets: dict = {}
+        with open(self.imgs_path, 'rb') as f:
+            offset = 0
+            for n, line in enumerate(f, 1):
+                key, sep, _ = line.partition(b'\t')
+                if not sep:
+                    raise ValueError(f'{self.imgs_path}:{n}: expected "image_id<TAB>base64"')
+                image_id = _parse_id(key.decode('utf-8').strip())
+                self._offsets[image_id] = offset
+                offset += len(line)
+        unknown = sorted({i for t in self.texts for i in t.image_ids if i not in self._offsets}, key=str)
+        if unknown:
+            raise ValueError(f'{texts_path}: image ids {unknown[:5]} are not in {self.imgs_path.name}')
+
+    @property
+    def image_ids(self) -> list:
+        return list(self._offsets)
+
+    def image_bytes(self, image_id: int | str) -> bytes:
+        """The encoded image of ``image_id``."""
+        with open(self.imgs_path, 'rb') as f:
+            f.seek(self._offsets[image_id])
+            _, _, b64 = f.readline().partition(b'\t')
+        try:
+            return base64.urlsafe_b64decode(b64.strip()) if b'-' in b64 or b'_' in b64 else base64.b64decode(b64)
+        except binascii.Error as e:
+            raise ValueError(f'{self.imgs_path}: image {image_id!r} is not valid base64 ({e})') from None
+
+    def pairs(self) -> Iterator[tuple[int | str, str, int | str]]:
+        """Every (text_id, text, image_id) pair, the unit of contrastive training."""
+        for t in self.texts:
+            for image_id in t.image_ids:
+                yield t.text_id, t.text, image_id
+
+
+def _parse_id(raw: str) -> int | str:
+    return int(raw) if raw.isdigit() else raw
+
+
+def write_official_split(data_dir: str | Path, split: str, images: dict, texts: list[TextRecord]) -> None:
+    """Write ``{split}_imgs.tsv`` (images as PIL images or encoded bytes) and ``{split}_texts.jsonl``."""
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f'{split}_imgs.tsv', 'w', encoding='utf-8') as f:
+        for image_id, img in images.items():
+            if isinstance(img, Image.Image):
+                buf = io.BytesIO()
+                img.save(buf, format='JPEG', quality=90)
+                img = buf.getvalue()
+            f.write(f'{image_id}\t{base64.urlsafe_b64encode(img).decode("ascii")}\n')
+    with open(d / f'{split}_texts.jsonl', 'w', encoding='utf-8') as f:
+        for t in texts:
+            f.write(json.dumps({'text_id': t.text_id, 'text': t.text, 'image_ids': list(t.image_ids)},
+                               ensure_ascii=False) + '\n')
+
+
+# --- a generated dataset with known answers ------------------------------------------------------------------------
+
+COLORS = {'红色': (220, 40, 40), '绿色': (40, 170, 60), '蓝色': (40, 70, 220), '黄色': (235, 200, 30),
+          '紫色': (140, 50, 170), '黑色': (20, 20, 20)}
+SHAPES = ('圆形', '正方形', '三角形')
+PLACES = {'左边': 0.28, '右边': 0.72}
+
+
+def _draw(color: tuple, shape: str, x: float, size: int, rng: random.Random) -> Image.Image:
+    bg = tuple(rng.randint(200, 255) for _ in range(3))
+    img = Image.new('RGB', (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    r = size * rng.uniform(0.16, 0.22)
+    cx, cy = x * size + rng.uniform(-4, 4), size * rng.uniform(0.4, 0.6)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == '圆形':
+        draw.ellipse(box, fill=color)
+    elif shape == '正方形':
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+    return img
+
+
+def make_synthetic_split(data_dir: str | Path, split: str, n_images: int, seed: int = 0,
+                         size: int = 64) -> OfficialSplit:
+    """Generate images of one coloured shape on the left or right, captioned in Chinese
+    ("左边有一个红色的圆形"), in the official format. The caption fully describes the image, so retrieval has
+    known answers; there are 6 x 3 x 2 = 36 distinct scenes."""
+    rng = random.Random(seed)
+    images, texts = {}, []
+    templates = ('{place}有一个{color}的{shape}', '一个{color}{shape}在{place}', '{color}的{shape}，位于{place}')
+    for i in range(n_images):
+        color, shape, place = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(PLACES))
+        image_id = 1000 + i
+        images[image_id] = _draw(COLORS[color], shape, PLACES[place], size, rng)
+        text = rng.choice(templates).format(place=place, color=color, shape=shape)
+        texts.append(TextRecord(i, text, (image_id,)))
+    write_official_split(data_dir, split, images, texts)
+    logger.info('wrote %d generated images to %s (%s split)', n_images, data_dir, split)
+    return OfficialSplit(data_dir, split)
