@@ -1,7 +1,7 @@
 """Chinese CLIP for ModelScope: every checkpoint layout, official numbers, today's torch and transformers.
 
-``import modelscope_cnclip`` registers the ModelScope model (``cnclip``), preprocessor (``cnclip-preprocessor``)
-and pipeline (``cnclip-multi-modal-embedding``). Without ModelScope, use the plain API::
+``import modelscope_cnclip`` registers the ModelScope model (``cnclip``), preprocessor (``cnclip-preprocessor``),
+pipeline (``cnclip-multi-modal-embedding``) and trainer (``cnclip-trainer``). Without ModelScope, use the plain API::
 
     import modelscope_cnclip as cnclip
     m = cnclip.load('path/to/any/checkpoint')          # plugin / hub / HF dir, official .pt, hub id
@@ -22,4 +22,4 @@ __all__ = ['available_models', 'get_config', 'load', 'convert', 'read_source', '
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-from . import ms  # noqa: E402,F401  (registers the ModelScope classes)
+from . import ms, train  # noqa: E402,F401  (registers the ModelScope classes and the trainer)

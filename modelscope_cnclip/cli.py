@@ -59,6 +59,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from modelscope.trainers import build_trainer
+
+    from .train import TRAINER_TYPE
+    train = {'dataloader': {'workers_per_gpu': args.workers}}
+    if args.max_epochs is not None:
+        train['max_epochs'] = args.max_epochs
+    if args.batch_size is not None:
+        train['dataloader']['batch_size_per_gpu'] = args.batch_size
+    if args.lr is not None:
+        train['optimizer_hparams'] = {'lr': args.lr}
+    overrides = {'train': train, 'evaluation': {'dataloader': {'workers_per_gpu': args.workers}}}
+    trainer = build_trainer(TRAINER_TYPE, dict(
+        model=args.model, cfg_file=args.cfg, work_dir=args.work_dir, train_dataset=args.data,
+        eval_dataset=args.eval_data or args.data, cfg_overrides=overrides, device=args.device,
+        mask_ratio=args.mask_ratio, freeze_vision=args.freeze_vision, grad_checkpointing=args.grad_checkpointing,
+        skip_corrupt=args.skip_corrupt))
+    trainer.train()
+    print(json.dumps(trainer.evaluate()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='cnclip', description='Chinese CLIP for ModelScope.')
     parser.add_argument('-v', '--verbose', action='store_true', help='log progress (INFO level)')
@@ -102,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='cpu', help="cpu, gpu, cuda:1, ... (default cpu)")
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
     p.add_argument('--config', help=config_help)
+
+    p = add('train', _cmd_train, 'finetune with the ModelScope trainer; work_dir/output is a plugin model dir')
+    p.add_argument('model', help='model dir (any layout), weights file or ModelScope hub id')
+    p.add_argument('--data', required=True, help='official-format dir (train split), dir with train.jsonl, or .jsonl')
+    p.add_argument('--eval-data', help='evaluation data (default: --data, valid split)')
+    p.add_argument('--work-dir', default='work')
+    p.add_argument('--cfg', help='configuration.json with train/evaluation settings (e.g. the tutorial\'s)')
+    p.add_argument('--max-epochs', type=int)
+    p.add_argument('--batch-size', type=int, help='per device')
+    p.add_argument('--lr', type=float)
+    p.add_argument('--workers', type=int, default=2, help='dataloader workers per device (default 2)')
+    p.add_argument('--device', default=None, help='cpu, gpu, cuda:1 (default: GPU if available)')
+    p.add_argument('--mask-ratio', type=float, default=0.0, help='FLIP patch masking ratio (ViT only)')
+    p.add_argument('--freeze-vision', action='store_true', help='train the text tower only')
+    p.add_argument('--grad-checkpointing', action='store_true', help='less activation memory, more compute')
+    p.add_argument('--skip-corrupt', action='store_true', help='skip unreadable images (each is reported)')
     return parser
 
 

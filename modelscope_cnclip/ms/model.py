@@ -16,6 +16,7 @@ from ..sources import LAYOUTS, Checkpoint, default_configuration, read_source, w
 
 MODEL_TYPE = 'cnclip'
 PIPELINE_TYPE = 'cnclip-multi-modal-embedding'
+PREPROCESSOR_TYPE = 'cnclip-preprocessor'
 RAW_KEYS = ('img', 'text')
 TENSOR_KEYS = ('pixel_values', 'input_ids', 'attention_mask')
 
@@ -87,14 +88,21 @@ class CNClipForMultiModalEmbedding(TorchModel):
               for k, v in self.clip.state_dict().items()}
         return Checkpoint(sd, self.config, self.vocab_file, 'plugin', str(self.model_dir))
 
-    def save_pretrained(self, target_folder: str | os.PathLike, to: str = 'plugin', overwrite: bool = True,
-                        config: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        """Write a model dir: the plugin layout (safetensors + configuration.json) unless ``to`` says
-        ``'hub'`` or ``'hf'``. ``config`` replaces the default ``configuration.json`` content."""
+    def save_pretrained(self, target_folder: str | os.PathLike, save_checkpoint_names: Any = None,
+                        save_function: Any = None, config: Any = None, save_config_function: Any = None,
+                        to: str = 'plugin', overwrite: bool = True, **kwargs: Any) -> None:
+        """Write a complete model dir: the plugin layout (safetensors, configuration.json, cnclip_config.json,
+        vocab) unless ``to`` is ``'hub'`` or ``'hf'``. ``config`` (a dict or ModelScope ``Config``) replaces the
+        default ``configuration.json`` content; the other ModelScope arguments are accepted and unused, since
+        the weights are always written here (never a separate, possibly stale, weights file)."""
         if to not in LAYOUTS:
             raise ValueError(f'to={to!r}: choose one of {list(LAYOUTS)}')
         conf = None
         if to == 'plugin':
             conf = config.to_dict() if hasattr(config, 'to_dict') else dict(config or default_configuration())
+            # A plugin dir always names this plugin's classes (ModelScope's trainer rewrites the pipeline type).
             conf['model'] = {**conf.get('model', {}), 'type': MODEL_TYPE}
+            conf['pipeline'] = {'type': PIPELINE_TYPE}
+            conf['preprocessor'] = {'type': PREPROCESSOR_TYPE}
+            conf.pop('pretrained_model', None)
         write_dir(self.to_checkpoint(), target_folder, to, overwrite, conf)

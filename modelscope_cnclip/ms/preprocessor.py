@@ -13,9 +13,7 @@ from ..config import PreprocessConfig
 from ..sources import read_config
 from ..tokenizer import Tokenizer
 from ..transform import ImageTransform
-from .model import check_input_keys
-
-PREPROCESSOR_TYPE = 'cnclip-preprocessor'
+from .model import PREPROCESSOR_TYPE, check_input_keys
 
 
 @PREPROCESSORS.register_module(Fields.multi_modal, module_name=PREPROCESSOR_TYPE)

@@ -1,0 +1,109 @@
+"""Training and evaluation pairs from every data source users have, as tensors for the model."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ..data import OfficialSplit
+from ..tokenizer import Tokenizer
+from ..transform import ImageTransform
+
+__all__ = ['PairDataset', 'collate_pairs', 'read_pairs']
+
+logger = logging.getLogger(__name__)
+
+
+class PairDataset(Dataset):
+    """(image, text) pairs -> ``{'pixel_values': (3,R,R), 'input_ids': (L,)}``.
+
+    Args:
+        pairs: a list of ``(image, text, image_id)``, where ``image`` is anything :func:`load_image` reads (or a
+            zero-argument callable returning it, for lazily read images).
+        transform, tokenizer: the model's preprocessing.
+        skip_corrupt: replace an unreadable image by the next readable pair (logged with its id) instead of
+            raising. Never silent: ``skipped`` lists the ids.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[Any, str, Any]], transform: ImageTransform, tokenizer: Tokenizer,
+                 skip_corrupt: bool = False) -> None:
+        self.pairs = list(pairs)
+        self.transform, self.tokenizer, self.skip_corrupt = transform, tokenizer, skip_corrupt
+        self.skipped: list = []
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        for offset in range(len(self.pairs)):
+            image, text, image_id = self.pairs[(index + offset) % len(self.pairs)]
+            try:
+                pixels = self.transform(image() if callable(image) else image)
+            except (OSError, ValueError, TypeError) as e:
+                if not self.skip_corrupt:
+                    raise ValueError(f'image {image_id!r}: {e}; pass skip_corrupt=True to skip such images') from None
+                if image_id not in self.skipped:
+                    self.skipped.append(image_id)
+                    logger.warning('skipping unreadable image %r: %s', image_id, e)
+                continue
+            ids = self.tokenizer(text, padding='longest')['input_ids'][0]
+            return {'pixel_values': pixels, 'input_ids': ids}
+        raise ValueError('no readable image in the dataset')
+
+
+def collate_pairs(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack pixels; pad token ids to the longest text of the batch with [PAD]=0."""
+    width = max(b['input_ids'].shape[0] for b in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, b in enumerate(batch):
+        ids[i, :b['input_ids'].shape[0]] = b['input_ids']
+    return {'pixel_values': torch.stack([b['pixel_values'] for b in batch]), 'input_ids': ids}
+
+
+def _official_pairs(split: OfficialSplit) -> list[tuple[Callable[[], bytes], str, Any]]:
+    return [(lambda i=image_id: split.image_bytes(i), text, image_id) for _, text, image_id in split.pairs()]
+
+
+def _jsonl_pairs(path: Path) -> list[tuple[Any, str, Any]]:
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            image, text = obj['image'], obj['text']
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f'{path}:{n}: expected {{"image": path, "text": ...}} ({e})') from None
+        if isinstance(image, str) and not image.startswith(('http://', 'https://')) and not Path(image).is_absolute():
+            image = str(path.parent / image)  # relative to the jsonl's folder
+        pairs.append((image, text, obj.get('id', image)))
+    return pairs
+
+
+def read_pairs(source: Any, split: str = 'train', column_map: Mapping[str, str] | None = None) -> list[tuple]:
+    """Pairs from an official-format dir (``{split}_imgs.tsv`` + ``{split}_texts.jsonl``), a jsonl of
+    ``{"image": path, "text": ...}`` lines, or rows (dicts; an ``MsDataset``) with the ``column_map`` columns."""
+    columns = {'img': 'img', 'text': 'text', **(column_map or {})}
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir() and (path / f'{split}_texts.jsonl').is_file():
+            return _official_pairs(OfficialSplit(path, split))
+        if path.is_file() and path.suffix == '.jsonl':
+            return _jsonl_pairs(path)
+        if path.is_dir() and (path / f'{split}.jsonl').is_file():
+            return _jsonl_pairs(path / f'{split}.jsonl')
+        raise FileNotFoundError(f'{source}: expected an official-format dir ({split}_imgs.tsv + {split}_texts.jsonl),'
+                                f' a dir with {split}.jsonl, or a .jsonl file of {{"image", "text"}} lines')
+    if isinstance(source, OfficialSplit):
+        return _official_pairs(source)
+    pairs = []
+    for n, row in enumerate(source):
+        if columns['img'] not in row or columns['text'] not in row:
+            raise KeyError(f'row {n} has columns {sorted(row)}; set dataset.column_map so that "img" and "text" '
+                           f'name the image and caption columns (now {columns})')
+        pairs.append((row[columns['img']], row[columns['text']], row.get('id', n)))
+    return pairs

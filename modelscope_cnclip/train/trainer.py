@@ -1,0 +1,207 @@
+"""ModelScope trainer ``cnclip-trainer``: the finetune tutorial's configuration keys, on CPU or GPU(s).
+
+A thin adapter over ModelScope's ``EpochBasedTrainer``: this module supplies the contrastive training step, the
+optimizer (AdamW without decay on norms, biases and ``logit_scale``), the warmup + cosine schedule, global
+retrieval evaluation and a plugin-layout output dir; ModelScope's hooks do the rest.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from modelscope.trainers import EpochBasedTrainer
+from modelscope.trainers.builder import TRAINERS
+from modelscope.trainers.hooks.builder import HOOKS
+from modelscope.trainers.hooks.hook import Hook
+from modelscope.utils.config import Config
+
+from ..evaluation import inbatch_recall, retrieval_metrics
+from ..ms.model import CNClipForMultiModalEmbedding
+from ..sources import default_configuration
+from .dataset import PairDataset, collate_pairs, read_pairs
+from .loss import contrastive_loss
+
+__all__ = ['CNClipTrainer', 'TRAINER_TYPE', 'build_optimizer', 'warmup_cosine']
+
+logger = logging.getLogger(__name__)
+TRAINER_TYPE = 'cnclip-trainer'
+LOGIT_SCALE_MAX = math.log(100)
+# Tutorial hook names that import ModelScope's CUDA-only CLIP trainer, and this plugin's equivalents.
+_HOOK_RENAMES = {'ClipClampLogitScaleHook': 'CNClipClampLogitScaleHook'}
+
+
+@HOOKS.register_module(module_name='CNClipClampLogitScaleHook')
+class CNClipClampLogitScaleHook(Hook):
+    """Clamp ``logit_scale`` to [0, ln 100] after every optimizer step, as the official training does."""
+
+    def after_train_iter(self, trainer: Any) -> None:
+        model = getattr(trainer.model, 'module', trainer.model)
+        model.clip.logit_scale.data.clamp_(0, LOGIT_SCALE_MAX)
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                    eps: float) -> torch.optim.AdamW:
+    """AdamW with no weight decay on 1-D parameters (norms, biases), embeddings' gains and ``logit_scale``."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or 'logit_scale' in name or '.bn' in name or 'ln_' in name else decay).append(p)
+    return torch.optim.AdamW([{'params': no_decay, 'weight_decay': 0.0},
+                              {'params': decay, 'weight_decay': weight_decay}], lr=lr, betas=betas, eps=eps)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
+                  warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the base lr, then cosine decay to 0 (per optimizer step)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _merged_config(cfg_file: str | None, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Repo defaults, then the user's configuration file, then explicit overrides (later wins)."""
+    cfg = Config(default_configuration())
+    if cfg_file:
+        cfg.merge_from_dict(Config.from_file(cfg_file).to_dict())
+    if overrides:
+        cfg.merge_from_dict(dict(overrides))
+    d = cfg.to_dict()
+    d['model'] = {**d.get('model', {}), 'type': 'cnclip'}
+    for hook in d.get('train', {}).get('hooks', []):
+        hook['type'] = _HOOK_RENAMES.get(hook['type'], hook['type'])
+    # The tutorial names CUDA AMP; on a CPU (or with use_fp16 off) ModelScope's plain optimizer hook does the job.
+    opt_hook = d['train'].get('optimizer_hook')
+    if opt_hook and opt_hook.get('type') == 'TorchAMPOptimizerHook' and not torch.cuda.is_available():
+        opt_hook['type'] = 'OptimizerHook'
+    d['train']['lr_scheduler_hook'] = {'type': 'LrSchedulerHook', 'by_epoch': False}
+    d['train'].pop('optimizer', None)
+    return d
+
+
+@TRAINERS.register_module(module_name=TRAINER_TYPE)
+class CNClipTrainer(EpochBasedTrainer):
+    """Finetune Chinese CLIP with ModelScope's trainer machinery.
+
+    Args:
+        model: a :class:`CNClipForMultiModalEmbedding` or any source it loads (dir of any layout, ``.pt``, hub id).
+        cfg_file: a configuration.json (e.g. the finetune tutorial's); its keys override the repo defaults.
+        train_dataset / eval_dataset: an ``MsDataset`` or list of dict rows (columns named by
+            ``dataset.column_map``), an official-format dir, or a jsonl of ``{"image", "text"}`` lines.
+        work_dir: where logs, checkpoints and ``output/`` (a loadable plugin model dir) go.
+        cfg_overrides: dict of config keys to override, e.g. ``{'train': {'max_epochs': 3}}``.
+        mask_ratio: FLIP patch masking ratio during training (ViT only); freeze_vision: train the text tower only;
+        grad_checkpointing: trade compute for activation memory; full_grad_gather: all-gather with gradients.
+        skip_corrupt: skip unreadable images (each reported once) instead of stopping.
+    """
+
+    def __init__(self, model: Any = None, cfg_file: str | None = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, work_dir: str | None = None, cfg_overrides: Mapping | None = None,
+                 mask_ratio: float = 0.0, freeze_vision: bool = False, grad_checkpointing: bool = False,
+                 full_grad_gather: bool = False, skip_corrupt: bool = False, device: str | None = None,
+                 **kwargs: Any) -> None:
+        if not isinstance(model, CNClipForMultiModalEmbedding):
+            model = CNClipForMultiModalEmbedding(str(model), device=device or 'cpu')
+        cfg = _merged_config(cfg_file, cfg_overrides)
+        work_dir = work_dir or cfg['train'].get('work_dir', './work')
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        merged_file = Path(work_dir) / 'configuration.json'
+        merged_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding='utf-8')
+
+        column_map = cfg.get('dataset', {}).get('column_map')
+        self.train_pairs = PairDataset(read_pairs(train_dataset, 'train', column_map), model.transform,
+                                       model.tokenizer, skip_corrupt) if train_dataset is not None else None
+        self.eval_pairs = PairDataset(read_pairs(eval_dataset, 'valid', column_map), model.transform,
+                                      model.tokenizer, skip_corrupt) if eval_dataset is not None else None
+        self.mask_ratio, self.full_grad_gather = mask_ratio, full_grad_gather
+        self.freeze_vision = freeze_vision
+        model.clip.set_grad_checkpointing(grad_checkpointing)
+        if freeze_vision:
+            for p in model.clip.visual.parameters():
+                p.requires_grad_(False)
+
+        hp = cfg['train']['optimizer_hparams']
+        optimizer = build_optimizer(model.clip, hp['lr'], hp['weight_decay'], (hp['beta1'], hp['beta2']), hp['eps'])
+        world = int(os.environ.get('WORLD_SIZE', 1))
+        batch = cfg['train']['dataloader']['batch_size_per_gpu']
+        steps = cfg['train']['max_epochs'] * max(1, math.ceil(len(self.train_pairs or []) / (batch * world)))
+        warmup = int(cfg['train'].get('lr_scheduler', {}).get('warmup_proportion', 0.1) * steps)
+        scheduler = warmup_cosine(optimizer, steps, warmup)
+
+        # ModelScope asks the hub whether a local model dir is up to date (slow or hanging offline); a model
+        # object without model_dir skips that check.
+        model_dir = model.__dict__.pop('model_dir', None)
+        try:
+            super().__init__(model=model, cfg_file=str(merged_file), train_dataset=self.train_pairs,
+                             eval_dataset=self.eval_pairs, data_collator=collate_pairs, work_dir=work_dir,
+                             optimizers=(optimizer, scheduler), device=device, **kwargs)
+        finally:
+            model.model_dir = model_dir
+        self.global_batch_size = batch * world
+
+    # --- training -----------------------------------------------------------------------------------------------
+
+    def train_step(self, model: Any, inputs: Mapping[str, torch.Tensor]) -> None:
+        model.train()
+        clip = getattr(model, 'module', model).clip
+        if self.freeze_vision:
+            clip.visual.eval()  # keeps RN50's BatchNorm statistics frozen too
+        img, txt, scale = clip(inputs['pixel_values'], inputs['input_ids'], mask_ratio=self.mask_ratio)
+        loss, _ = contrastive_loss(img, txt, scale, gather=True, full_grad=self.full_grad_gather)
+        self.train_outputs = {'loss': loss}
+        self.log_buffer.update({'loss': float(loss.detach()), 'logit_scale': float(clip.logit_scale.detach()),
+                                'global_batch_size': self.global_batch_size})
+
+    def train(self, *args: Any, **kwargs: Any) -> None:
+        """Train, then make ``work_dir/output`` a complete plugin model dir with the final weights (ModelScope's
+        own output step writes a ``.bin`` beside it, which is replaced)."""
+        super().train(*args, **kwargs)
+        if self._dist_rank0():
+            out = Path(self.work_dir) / 'output'
+            getattr(self.model, 'module', self.model).save_pretrained(out, config=self.cfg.to_dict())
+            logger.info('finetuned model written to %s', out)
+
+    @staticmethod
+    def _dist_rank0() -> bool:
+        return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+            torch.distributed.get_rank() == 0
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def evaluation_loop(self, data_loader: Any, metric_classes: Any) -> dict[str, float]:
+        """Global retrieval metrics over the whole eval set, plus the tutorial's in-batch recall."""
+        model = getattr(self.model, 'module', self.model)
+        model.eval()
+        images, texts, inbatch = [], [], []
+        for batch in data_loader:
+            pixels = batch['pixel_values'].to(next(model.parameters()).device)
+            ids = batch['input_ids'].to(pixels.device)
+            img = torch.nn.functional.normalize(model.clip.encode_image(pixels).float(), dim=-1)
+            txt = torch.nn.functional.normalize(model.clip.encode_text(ids).float(), dim=-1)
+            images.append(img.cpu())
+            texts.append(txt.cpu())
+            inbatch.append((len(img), inbatch_recall(img, txt)))
+        image_emb, text_emb = torch.cat(images), torch.cat(texts)
+        pairs = self.eval_pairs.pairs
+        # One row per distinct image id; each text's correct images are all rows with its image id.
+        first_row: dict = {}
+        for row, (_, _, image_id) in enumerate(pairs):
+            first_row.setdefault(image_id, row)
+        ids = list(first_row)
+        scores = retrieval_metrics(image_emb[[first_row[i] for i in ids]], ids, text_emb, [[p[2]] for p in pairs])
+        total = sum(n for n, _ in inbatch)
+        metrics = {f'{d}_recall_at_{k[1:]}' if k != 'mr' else f'{d}_mean_recall': v
+                   for d, vals in scores.items() for k, v in vals.items()}
+        for key in inbatch[0][1]:
+            metrics[key] = sum(n * r[key] for n, r in inbatch) / total
+        model.train()
+        return metrics

@@ -1,0 +1,168 @@
+"""Finetuning through ModelScope's trainer on CPU: learning on generated data, the tutorial's config, data
+sources, and an output dir that the pipeline loads as is."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from modelscope.pipelines import pipeline
+from modelscope.trainers import build_trainer
+from modelscope.utils.constant import Tasks
+from PIL import Image
+
+import modelscope_cnclip  # noqa: F401
+from modelscope_cnclip.cli import main
+from modelscope_cnclip.data import make_synthetic_split
+from modelscope_cnclip.sources import Checkpoint, read_source, write_dir
+from modelscope_cnclip.train import build_optimizer, contrastive_loss, warmup_cosine
+
+from conftest import TINY_VIT, random_state_dict
+
+# Dropout noise swamps a 48-wide random text tower's signal; real checkpoints train with their dropout.
+CFG = dataclasses.replace(TINY_VIT, text=dataclasses.replace(TINY_VIT.text, hidden_dropout_prob=0.0,
+                                                             attention_probs_dropout_prob=0.0))
+
+
+def overrides(epochs: int, lr: float = 1e-3, batch: int = 32) -> dict:
+    return {'train': {'max_epochs': epochs, 'dataloader': {'batch_size_per_gpu': batch, 'workers_per_gpu': 0},
+                      'optimizer_hparams': {'lr': lr, 'weight_decay': 0.0}},
+            'evaluation': {'dataloader': {'batch_size_per_gpu': 64, 'workers_per_gpu': 0}}}
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('train')
+    make_synthetic_split(root / 'data', 'train', 256, seed=1)
+    make_synthetic_split(root / 'data', 'valid', 64, seed=2)
+    write_dir(Checkpoint(random_state_dict(CFG), CFG), root / 'model')
+    return root
+
+
+@pytest.fixture(scope='module')
+def trained(setup):
+    trainer = build_trainer('cnclip-trainer', dict(
+        model=str(setup / 'model'), work_dir=str(setup / 'work'), train_dataset=str(setup / 'data'),
+        eval_dataset=str(setup / 'data'), cfg_overrides=overrides(15)))
+    before = trainer.evaluate()
+    trainer.train()
+    return trainer, before, trainer.evaluate()
+
+
+def test_training_learns_the_generated_task(trained):
+    _, before, after = trained
+    chance_r1, chance_r10 = 100 / 64, 1000 / 64  # 64 held-out pairs
+    assert before['t2i_recall_at_1'] < 3 * chance_r1
+    assert after['t2i_recall_at_1'] >= 4 * chance_r1
+    assert after['t2i_recall_at_10'] >= 4 * chance_r10 and after['i2t_recall_at_10'] >= 4 * chance_r10
+    assert set(after) >= {'t2i_mean_recall', 'i2t_mean_recall', 'inbatch_t2i_recall_at_1'}
+
+
+def test_output_is_a_plugin_dir_the_pipeline_loads(trained, setup):
+    trainer, _, _ = trained
+    out = setup / 'work' / 'output'
+    assert sorted(p.name for p in out.iterdir()) == ['cnclip_config.json', 'configuration.json',
+                                                     'model.safetensors', 'vocab.txt']
+    p = pipeline(Tasks.multi_modal_embedding, model=str(out), device='cpu')
+    img = Image.new('RGB', (64, 64), (220, 40, 40))
+    model = trainer.model
+    want = F.normalize(model.clip.encode_image(model.transform(img)[None]).float(), dim=-1)
+    assert torch.allclose(p({'img': img})['img_embedding'], want, atol=1e-6)
+    # no optimizer state in the weights: exactly the model's tensors
+    assert sorted(read_source(out).state_dict) == sorted(model.clip.state_dict())
+    conf = json.loads((out / 'configuration.json').read_text())
+    assert conf['model']['type'] == 'cnclip' and conf['pipeline']['type'] == 'cnclip-multi-modal-embedding'
+
+
+def test_tutorial_config_runs_with_only_the_trainer_name_changed(setup, tmp_path):
+    tutorial = {
+        'framework': 'pytorch', 'task': 'multi-modal-embedding',
+        'pipeline': {'type': 'multi-modal-embedding'}, 'model': {'type': 'clip-multi-modal-embedding'},
+        'pretrained_model': {'model_name': 'damo/multi-modal_clip-vit-base-patch16_zh'},
+        'dataset': {'column_map': {'img': 'image', 'text': 'query'}},
+        'train': {'work_dir': str(tmp_path / 'w'), 'max_epochs': 1, 'use_fp16': True,
+                  'dataloader': {'batch_size_per_gpu': 16, 'workers_per_gpu': 0, 'shuffle': True, 'drop_last': True},
+                  'lr_scheduler': {'name': 'cosine', 'warmup_proportion': 0.01},
+                  'optimizer': {'type': 'AdamW'},
+                  'optimizer_hparams': {'lr': 2.5e-05, 'weight_decay': 0.001, 'beta1': 0.9, 'beta2': 0.999,
+                                        'eps': 1e-08},
+                  'optimizer_hook': {'type': 'TorchAMPOptimizerHook', 'cumulative_iters': 1},
+                  'loss_cfg': {'aggregate': True},
+                  'hooks': [{'type': 'BestCkptSaverHook', 'metric_key': 'inbatch_t2i_recall_at_1', 'interval': 100},
+                            {'type': 'TextLoggerHook', 'interval': 1}, {'type': 'IterTimerHook'},
+                            {'type': 'EvaluationHook', 'by_epoch': False, 'interval': 4},
+                            {'type': 'ClipClampLogitScaleHook'}]},
+        'evaluation': {'dataloader': {'batch_size_per_gpu': 16, 'workers_per_gpu': 0, 'shuffle': False,
+                                      'drop_last': False}, 'metrics': [{'type': 'inbatch_recall'}]}}
+    cfg_file = tmp_path / 'configuration.json'
+    cfg_file.write_text(json.dumps(tutorial))
+    # MUGE-style rows (an MsDataset iterates the same way), columns mapped by dataset.column_map
+    images = [Image.new('RGB', (64, 64), (i * 5, 255 - i * 5, 90)) for i in range(48)]
+    rows = [{'image': im, 'query': f'颜色{i}'} for i, im in enumerate(images)]
+    trainer = build_trainer('cnclip-trainer', dict(model=str(setup / 'model'), cfg_file=str(cfg_file),
+                                                   train_dataset=rows, eval_dataset=rows[:16]))
+    trainer.model.clip.logit_scale.data.fill_(6.0)  # above ln 100: the clamp hook must bring it back
+    trainer.train()
+    assert trainer.model.clip.logit_scale.item() <= math.log(100) + 1e-6
+    assert (tmp_path / 'w' / 'output' / 'model.safetensors').is_file()
+
+
+def test_jsonl_source_corrupt_images_and_clear_errors(setup, tmp_path):
+    good = tmp_path / 'a.png'
+    Image.new('RGB', (32, 32), 'red').save(good)
+    (tmp_path / 'bad.jpg').write_bytes(b'not a jpeg')
+    lines = [{'image': 'a.png', 'text': '红色'}, {'image': 'bad.jpg', 'text': '坏图', 'id': 'bad-1'}] * 8
+    (tmp_path / 'train.jsonl').write_text('\n'.join(json.dumps(x, ensure_ascii=False) for x in lines))
+    kw = dict(model=str(setup / 'model'), work_dir=str(tmp_path / 'w'), train_dataset=str(tmp_path / 'train.jsonl'),
+              cfg_overrides=overrides(1, batch=4))
+    with pytest.raises(ValueError, match=r"image 'bad-1': cannot decode image .* pass skip_corrupt=True"):
+        build_trainer('cnclip-trainer', kw).train()
+    trainer = build_trainer('cnclip-trainer', dict(kw, skip_corrupt=True))
+    trainer.train()
+    assert trainer.train_pairs.skipped == ['bad-1']
+    with pytest.raises(KeyError, match='set dataset.column_map'):
+        build_trainer('cnclip-trainer', dict(kw, train_dataset=[{'picture': None, 'caption': 'x'}]))
+
+
+def test_freeze_vision_and_flip_masking(setup, tmp_path):
+    trainer = build_trainer('cnclip-trainer', dict(
+        model=str(setup / 'model'), work_dir=str(tmp_path / 'w'), train_dataset=str(setup / 'data'),
+        cfg_overrides=overrides(1), freeze_vision=True, mask_ratio=0.5, grad_checkpointing=True))
+    before = {k: v.clone() for k, v in trainer.model.clip.visual.state_dict().items()}
+    text_before = trainer.model.clip.text_projection.detach().clone()
+    trainer.train()
+    after = trainer.model.clip.visual.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(text_before, trainer.model.clip.text_projection)
+
+
+def test_optimizer_groups_schedule_and_loss():
+    from modelscope_cnclip.model import CLIP
+    model = CLIP(CFG)
+    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.98), 1e-6)
+    no_decay, decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert no_decay['weight_decay'] == 0 and decay['weight_decay'] == 0.1
+    assert {names[id(p)] for p in no_decay['params']} >= {'logit_scale', 'visual.ln_post.bias', 'visual.ln_post.weight'}
+    assert all(p.dim() >= 2 for p in decay['params'])
+    sched = warmup_cosine(opt, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]['lr'])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3) and lrs[-1] < 1e-4
+    img, txt = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    loss, logits = contrastive_loss(img, txt, torch.tensor(10.0))
+    manual = (F.cross_entropy(10 * img @ txt.T, torch.arange(4)) + F.cross_entropy(10 * txt @ img.T, torch.arange(4))) / 2
+    assert torch.allclose(loss, manual)
+
+
+def test_cli_train_then_eval(setup, tmp_path, capsys):
+    assert main(['train', str(setup / 'model'), '--data', str(setup / 'data'), '--work-dir', str(tmp_path / 'w'),
+                 '--max-epochs', '1', '--batch-size', '32', '--workers', '0', '--device', 'cpu']) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 't2i_recall_at_1' in metrics
+    assert main(['eval', str(tmp_path / 'w' / 'output'), '--data', str(setup / 'data'), '--split', 'valid']) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {'t2i', 'i2t'}
