@@ -155,7 +155,8 @@ def test_optimizer_groups_schedule_and_loss():
     assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3) and lrs[-1] < 1e-4
     img, txt = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
     loss, logits = contrastive_loss(img, txt, torch.tensor(10.0))
-    manual = (F.cross_entropy(10 * img @ txt.T, torch.arange(4)) + F.cross_entropy(10 * txt @ img.T, torch.arange(4))) / 2
+    labels = torch.arange(4)
+    manual = (F.cross_entropy(10 * img @ txt.T, labels) + F.cross_entropy(10 * txt @ img.T, labels)) / 2
     assert torch.allclose(loss, manual)
 
 
