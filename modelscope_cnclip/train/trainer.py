@@ -87,6 +87,14 @@ def _merged_config(cfg_file: str | None, overrides: Mapping[str, Any] | None) ->
     return d
 
 
+def _numpy_rng_state_allowed() -> Any:
+    """ModelScope's trainer state (written by this trainer into work_dir) holds numpy RNG arrays, which
+    ``torch.load(weights_only=True)`` refuses; allow exactly numpy's array reconstruction while resuming."""
+    import numpy as np
+    allowed = [np.ndarray, np.dtype, type(np.dtype('uint32')), np.core.multiarray._reconstruct]
+    return torch.serialization.safe_globals(allowed)
+
+
 @TRAINERS.register_module(module_name=TRAINER_TYPE)
 class CNClipTrainer(EpochBasedTrainer):
     """Finetune Chinese CLIP with ModelScope's trainer machinery.
@@ -147,6 +155,11 @@ class CNClipTrainer(EpochBasedTrainer):
             model.model_dir = model_dir
         self.global_batch_size = batch * world
 
+    def build_dataset(self, datasets: Any = None, model_cfg: Any = None, mode: Any = None, preprocessor: Any = None,
+                      **kwargs: Any) -> Any:
+        """The datasets were built in ``__init__`` (:class:`PairDataset`); none is built from the config."""
+        return datasets
+
     # --- training -----------------------------------------------------------------------------------------------
 
     def train_step(self, model: Any, inputs: Mapping[str, torch.Tensor]) -> None:
@@ -163,7 +176,8 @@ class CNClipTrainer(EpochBasedTrainer):
     def train(self, *args: Any, **kwargs: Any) -> None:
         """Train, then make ``work_dir/output`` a complete plugin model dir with the final weights (ModelScope's
         own output step writes a ``.bin`` beside it, which is replaced)."""
-        super().train(*args, **kwargs)
+        with _numpy_rng_state_allowed():
+            super().train(*args, **kwargs)
         if self._dist_rank0():
             out = Path(self.work_dir) / 'output'
             getattr(self.model, 'module', self.model).save_pretrained(out, config=self.cfg.to_dict())
