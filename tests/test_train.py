@@ -167,3 +167,24 @@ def test_cli_train_then_eval(setup, tmp_path, capsys):
     assert 't2i_recall_at_1' in metrics
     assert main(['eval', str(tmp_path / 'w' / 'output'), '--data', str(setup / 'data'), '--split', 'valid']) == 0
     assert set(json.loads(capsys.readouterr().out)) == {'t2i', 'i2t'}
+
+
+def test_accumulation_keeps_whole_batch_negatives(setup, tmp_path):
+    """accum_freq=4 gives the gradient of the whole batch's loss (within float noise), not of 4 small batches."""
+    grads = {}
+    for accum in (1, 4):
+        trainer = build_trainer('cnclip-trainer', dict(
+            model=str(setup / 'model'), work_dir=str(tmp_path / f'w{accum}'), train_dataset=str(setup / 'data'),
+            cfg_overrides=overrides(1), accum_freq=accum))
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.zero_grad()
+        trainer.train_step(trainer.model, batch)
+        loss = trainer.train_outputs['loss']
+        if accum == 1:
+            loss.backward()
+        grads[accum] = {n: p.grad.clone() for n, p in trainer.model.clip.named_parameters() if p.grad is not None}
+        grads[accum]['loss'] = loss.detach()
+    assert torch.allclose(grads[1]['loss'], grads[4]['loss'], atol=1e-5)
+    assert grads[1].keys() == grads[4].keys()
+    for name in grads[1]:
+        assert torch.allclose(grads[1][name], grads[4][name], atol=1e-5, rtol=1e-3), name

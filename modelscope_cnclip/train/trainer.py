@@ -109,13 +109,16 @@ class CNClipTrainer(EpochBasedTrainer):
         mask_ratio: FLIP patch masking ratio during training (ViT only); freeze_vision: train the text tower only;
         grad_checkpointing: trade compute for activation memory; full_grad_gather: all-gather with gradients.
         skip_corrupt: skip unreadable images (each reported once) instead of stopping.
+        accum_freq: split each batch into this many chunks that go through the network one at a time, while the
+            loss still contrasts every pair of the whole batch (features of the other chunks are cached, as the
+            official training does): the memory of a chunk, the negatives of the batch.
     """
 
     def __init__(self, model: Any = None, cfg_file: str | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, work_dir: str | None = None, cfg_overrides: Mapping | None = None,
                  mask_ratio: float = 0.0, freeze_vision: bool = False, grad_checkpointing: bool = False,
                  full_grad_gather: bool = False, skip_corrupt: bool = False, device: str | None = None,
-                 **kwargs: Any) -> None:
+                 accum_freq: int = 1, **kwargs: Any) -> None:
         if not isinstance(model, CNClipForMultiModalEmbedding):
             model = CNClipForMultiModalEmbedding(str(model), device=device or 'cpu')
         cfg = _merged_config(cfg_file, cfg_overrides)
@@ -131,6 +134,9 @@ class CNClipTrainer(EpochBasedTrainer):
                                       model.tokenizer, skip_corrupt) if eval_dataset is not None else None
         self.mask_ratio, self.full_grad_gather = mask_ratio, full_grad_gather
         self.freeze_vision = freeze_vision
+        if accum_freq < 1:
+            raise ValueError(f'accum_freq={accum_freq} must be >= 1')
+        self.accum_freq = accum_freq
         model.clip.set_grad_checkpointing(grad_checkpointing)
         if freeze_vision:
             for p in model.clip.visual.parameters():
@@ -167,8 +173,11 @@ class CNClipTrainer(EpochBasedTrainer):
         clip = getattr(model, 'module', model).clip
         if self.freeze_vision:
             clip.visual.eval()  # keeps RN50's BatchNorm statistics frozen too
-        img, txt, scale = clip(inputs['pixel_values'], inputs['input_ids'], mask_ratio=self.mask_ratio)
-        loss, _ = contrastive_loss(img, txt, scale, gather=True, full_grad=self.full_grad_gather)
+        if self.accum_freq == 1:
+            img, txt, scale = clip(inputs['pixel_values'], inputs['input_ids'], mask_ratio=self.mask_ratio)
+            loss, _ = contrastive_loss(img, txt, scale, gather=True, full_grad=self.full_grad_gather)
+        else:
+            loss = self._accumulated_step(clip, inputs)
         self.train_outputs = {'loss': loss}
         self.log_buffer.update({'loss': float(loss.detach()), 'logit_scale': float(clip.logit_scale.detach()),
                                 'global_batch_size': self.global_batch_size})
@@ -187,6 +196,28 @@ class CNClipTrainer(EpochBasedTrainer):
     def _dist_rank0() -> bool:
         return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
             torch.distributed.get_rank() == 0
+
+    def _accumulated_step(self, clip: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Backward chunk by chunk against cached features of the whole batch; returns a graph-less loss for the
+        optimizer hook (whose backward then has nothing left to do)."""
+        if getattr(self, 'use_fp16', False) or any(type(h).__name__ == 'TorchAMPOptimizerHook' for h in self.hooks):
+            raise ValueError('accum_freq > 1 does not combine with fp16 AMP (the loss scaler needs one backward); '
+                             'use accum_freq=1 or train without use_fp16')
+        pixels = inputs['pixel_values'].chunk(self.accum_freq)
+        ids = inputs['input_ids'].chunk(self.accum_freq)
+        with torch.no_grad():
+            cached = [clip(p, i, mask_ratio=self.mask_ratio)[:2] for p, i in zip(pixels, ids)]
+        total = torch.zeros((), device=inputs['input_ids'].device)
+        for j, (p, i) in enumerate(zip(pixels, ids)):
+            img_j, txt_j, scale = clip(p, i, mask_ratio=self.mask_ratio)
+            img = torch.cat([img_j if k == j else c[0] for k, c in enumerate(cached)])
+            txt = torch.cat([txt_j if k == j else c[1] for k, c in enumerate(cached)])
+            # logit_scale takes its gradient once, not once per chunk
+            loss, _ = contrastive_loss(img, txt, scale if j == 0 else scale.detach(), gather=True,
+                                       full_grad=self.full_grad_gather)
+            loss.backward()
+            total += loss.detach()
+        return (total / self.accum_freq).requires_grad_()
 
     # --- evaluation ---------------------------------------------------------------------------------------------
 
