@@ -188,3 +188,25 @@ def test_accumulation_keeps_whole_batch_negatives(setup, tmp_path):
     assert grads[1].keys() == grads[4].keys()
     for name in grads[1]:
         assert torch.allclose(grads[1][name], grads[4][name], atol=1e-5, rtol=1e-3), name
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(setup, tmp_path):
+    from modelscope.trainers.hooks.hook import Hook
+
+    class Interrupt(Hook):
+        def after_train_epoch(self, trainer):
+            trainer._stop_training = True
+
+    def make(work):
+        return build_trainer('cnclip-trainer', dict(model=str(setup / 'model'), work_dir=str(tmp_path / work),
+                                                    train_dataset=str(setup / 'data'), cfg_overrides=overrides(3)))
+    full = make('full')
+    full.train()
+    interrupted = make('resumed')
+    interrupted.register_hook(Interrupt())
+    interrupted.train()
+    assert interrupted.epoch == 1
+    resumed = make('resumed')
+    resumed.train(checkpoint_path=str(tmp_path / 'resumed' / 'epoch_1.pth'))
+    a, b = full.model.clip.state_dict(), resumed.model.clip.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

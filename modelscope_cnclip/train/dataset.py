@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from ..data import OfficialSplit
 from ..tokenizer import Tokenizer
 from ..transform import ImageTransform
 
-__all__ = ['PairDataset', 'collate_pairs', 'read_pairs']
+__all__ = ['PairDataset', 'collate_pairs', 'read_pairs', 'EpochShuffleSampler']
 
 logger = logging.getLogger(__name__)
 
@@ -107,3 +107,31 @@ def read_pairs(source: Any, split: str = 'train', column_map: Mapping[str, str] 
                            f'name the image and caption columns (now {columns})')
         pairs.append((row[columns['img']], row[columns['text']], row.get('id', n)))
     return pairs
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle that depends only on ``(seed, epoch)`` (never on the global RNG), sharded over ranks.
+
+    So a run resumed at epoch ``e`` sees exactly the order an uninterrupted run would, and every rank of a DDP
+    job draws a disjoint share (the order is padded to a multiple of the world size, as DistributedSampler does).
+    Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        self.size, self.seed, self.rank, self.world_size, self.shuffle = size, seed, rank, world_size, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        order = order.tolist()
+        order += order[:(-len(order)) % self.world_size]  # pad so every rank gets as many
+        return iter(order[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world_size)

@@ -23,7 +23,7 @@ from modelscope.utils.config import Config
 from ..evaluation import inbatch_recall, retrieval_metrics
 from ..ms.model import CNClipForMultiModalEmbedding
 from ..sources import default_configuration
-from .dataset import PairDataset, collate_pairs, read_pairs
+from .dataset import EpochShuffleSampler, PairDataset, collate_pairs, read_pairs
 from .loss import contrastive_loss
 
 __all__ = ['CNClipTrainer', 'TRAINER_TYPE', 'build_optimizer', 'warmup_cosine']
@@ -33,6 +33,15 @@ TRAINER_TYPE = 'cnclip-trainer'
 LOGIT_SCALE_MAX = math.log(100)
 # Tutorial hook names that import ModelScope's CUDA-only CLIP trainer, and this plugin's equivalents.
 _HOOK_RENAMES = {'ClipClampLogitScaleHook': 'CNClipClampLogitScaleHook'}
+
+
+class _SamplerEpochHook(Hook):
+    """Tell the train sampler which epoch starts (also after a resume), for a reproducible order."""
+
+    def before_train_epoch(self, trainer: Any) -> None:
+        sampler = getattr(trainer.train_dataloader, 'sampler', None)
+        if hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(trainer.epoch)
 
 
 @HOOKS.register_module(module_name='CNClipClampLogitScaleHook')
@@ -152,13 +161,20 @@ class CNClipTrainer(EpochBasedTrainer):
 
         # ModelScope asks the hub whether a local model dir is up to date (slow or hanging offline); a model
         # object without model_dir skips that check.
+        samplers = None
+        if self.train_pairs is not None:
+            rank = int(os.environ.get('RANK', 0))
+            shuffle = cfg['train']['dataloader'].get('shuffle', True)
+            samplers = {'train': EpochShuffleSampler(len(self.train_pairs), kwargs.get('seed', 42), rank, world,
+                                                     shuffle)}
         model_dir = model.__dict__.pop('model_dir', None)
         try:
             super().__init__(model=model, cfg_file=str(merged_file), train_dataset=self.train_pairs,
                              eval_dataset=self.eval_pairs, data_collator=collate_pairs, work_dir=work_dir,
-                             optimizers=(optimizer, scheduler), device=device, **kwargs)
+                             optimizers=(optimizer, scheduler), device=device, samplers=samplers, **kwargs)
         finally:
             model.model_dir = model_dir
+        self.register_hook(_SamplerEpochHook())
         self.global_batch_size = batch * world
 
     def build_dataset(self, datasets: Any = None, model_cfg: Any = None, mode: Any = None, preprocessor: Any = None,
