@@ -166,7 +166,7 @@ class CNClipTrainer(EpochBasedTrainer):
             rank = int(os.environ.get('RANK', 0))
             shuffle = cfg['train']['dataloader'].get('shuffle', True)
             samplers = {'train': EpochShuffleSampler(len(self.train_pairs), kwargs.get('seed', 42), rank, world,
-                                                     shuffle)}
+                                                     shuffle), 'val': None}
         model_dir = model.__dict__.pop('model_dir', None)
         try:
             super().__init__(model=model, cfg_file=str(merged_file), train_dataset=self.train_pairs,
