@@ -3,6 +3,7 @@ sources, and an output dir that the pipeline loads as is."""
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -210,3 +211,30 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(setup, tmp_path):
     resumed.train(checkpoint_path=str(tmp_path / 'resumed' / 'epoch_1.pth'))
     a, b = full.model.clip.state_dict(), resumed.model.clip.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize('gather', ['local', 'full'])
+def test_ddp_on_cpu_with_torchrun_keeps_ranks_in_sync(setup, tmp_path, gather):
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = tmp_path / 'ddp'
+    shutil.copytree(setup / 'data', root / 'data')
+    shutil.copytree(setup / 'model', root / 'model')
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).parent / 'scripts' / 'ddp_train.py'
+    out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                          '--master_addr', '127.0.0.1', '--master_port', str(port), str(script), str(root), gather],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1',
+                              'PYTHONPATH': os.pathsep.join([str(script.parents[2]), os.environ.get('PYTHONPATH', '')])})
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((root / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert ranks[0]['digest'] == ranks[1]['digest']  # gradients were averaged: identical weights
+    assert ranks[0]['world'] == 2 and ranks[0]['global_batch'] == 32
+    assert ranks[0]['iters'] == 2 * 8  # 256 pairs / (16 per rank x 2 ranks) x 2 epochs
+    assert (root / 'work' / 'output' / 'model.safetensors').is_file()

@@ -96,6 +96,20 @@ def _merged_config(cfg_file: str | None, overrides: Mapping[str, Any] | None) ->
     return d
 
 
+def _init_distributed(device: str | None) -> str:
+    """Join the process group that ``torchrun`` describes: NCCL on GPUs, gloo on CPUs (ModelScope's own
+    launcher is CUDA-only). Returns the device this rank trains on."""
+    dist = torch.distributed
+    cuda = torch.cuda.is_available() and device != 'cpu'
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if cuda else 'gloo')
+    if cuda:
+        local = int(os.environ.get('LOCAL_RANK', 0))
+        torch.cuda.set_device(local)
+        return f'cuda:{local}'
+    return 'cpu'
+
+
 def _numpy_rng_state_allowed() -> Any:
     """ModelScope's trainer state (written by this trainer into work_dir) holds numpy RNG arrays, which
     ``torch.load(weights_only=True)`` refuses; allow exactly numpy's array reconstruction while resuming."""
@@ -151,9 +165,14 @@ class CNClipTrainer(EpochBasedTrainer):
             for p in model.clip.visual.parameters():
                 p.requires_grad_(False)
 
+        self.ddp_clip = None
+        world = int(os.environ.get('WORLD_SIZE', 1))
+        if world > 1 and not kwargs.get('launcher'):
+            device = _init_distributed(device)
+            model.to(device)
+
         hp = cfg['train']['optimizer_hparams']
         optimizer = build_optimizer(model.clip, hp['lr'], hp['weight_decay'], (hp['beta1'], hp['beta2']), hp['eps'])
-        world = int(os.environ.get('WORLD_SIZE', 1))
         batch = cfg['train']['dataloader']['batch_size_per_gpu']
         steps = cfg['train']['max_epochs'] * max(1, math.ceil(len(self.train_pairs or []) / (batch * world)))
         warmup = int(cfg['train'].get('lr_scheduler', {}).get('warmup_proportion', 0.1) * steps)
@@ -175,6 +194,10 @@ class CNClipTrainer(EpochBasedTrainer):
         finally:
             model.model_dir = model_dir
         self.register_hook(_SamplerEpochHook())
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and not kwargs.get('launcher'):
+            # Only the network is wrapped, so the ModelScope model (and what it saves) keeps plain names.
+            ids = [torch.cuda.current_device()] if next(model.clip.parameters()).is_cuda else None
+            self.ddp_clip = torch.nn.parallel.DistributedDataParallel(model.clip, device_ids=ids)
         self.global_batch_size = batch * world
 
     def build_dataset(self, datasets: Any = None, model_cfg: Any = None, mode: Any = None, preprocessor: Any = None,
@@ -186,16 +209,17 @@ class CNClipTrainer(EpochBasedTrainer):
 
     def train_step(self, model: Any, inputs: Mapping[str, torch.Tensor]) -> None:
         model.train()
-        clip = getattr(model, 'module', model).clip
+        clip = self.ddp_clip or getattr(model, 'module', model).clip
         if self.freeze_vision:
-            clip.visual.eval()  # keeps RN50's BatchNorm statistics frozen too
+            getattr(clip, 'module', clip).visual.eval()  # keeps RN50's BatchNorm statistics frozen too
         if self.accum_freq == 1:
             img, txt, scale = clip(inputs['pixel_values'], inputs['input_ids'], mask_ratio=self.mask_ratio)
             loss, _ = contrastive_loss(img, txt, scale, gather=True, full_grad=self.full_grad_gather)
         else:
             loss = self._accumulated_step(clip, inputs)
         self.train_outputs = {'loss': loss}
-        self.log_buffer.update({'loss': float(loss.detach()), 'logit_scale': float(clip.logit_scale.detach()),
+        scale = getattr(clip, 'module', clip).logit_scale
+        self.log_buffer.update({'loss': float(loss.detach()), 'logit_scale': float(scale.detach()),
                                 'global_batch_size': self.global_batch_size})
 
     def train(self, *args: Any, **kwargs: Any) -> None:
