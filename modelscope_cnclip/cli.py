@@ -75,7 +75,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model=args.model, cfg_file=args.cfg, work_dir=args.work_dir, train_dataset=args.data,
         eval_dataset=args.eval_data or args.data, cfg_overrides=overrides, device=args.device,
         mask_ratio=args.mask_ratio, freeze_vision=args.freeze_vision, grad_checkpointing=args.grad_checkpointing,
-        skip_corrupt=args.skip_corrupt, accum_freq=args.accum_freq))
+        skip_corrupt=args.skip_corrupt, accum_freq=args.accum_freq, amp=args.amp))
     trainer.train()
     print(json.dumps(trainer.evaluate()))
     return 0
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--freeze-vision', action='store_true', help='train the text tower only')
     p.add_argument('--grad-checkpointing', action='store_true', help='less activation memory, more compute')
     p.add_argument('--skip-corrupt', action='store_true', help='skip unreadable images (each is reported)')
+    p.add_argument('--amp', choices=['bf16', 'fp16'], help='mixed precision: bf16 (CPU or GPU) or fp16 (GPU)')
     p.add_argument('--accum-freq', type=int, default=1,
                    help='run each batch in this many chunks, keeping the whole batch as negatives (cached features)')
     return parser

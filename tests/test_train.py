@@ -126,16 +126,24 @@ def test_jsonl_source_corrupt_images_and_clear_errors(setup, tmp_path):
         build_trainer('cnclip-trainer', dict(kw, train_dataset=[{'picture': None, 'caption': 'x'}]))
 
 
-def test_freeze_vision_and_flip_masking(setup, tmp_path):
+def test_freeze_vision_flip_masking_checkpointing_and_bf16_amp(setup, tmp_path):
     trainer = build_trainer('cnclip-trainer', dict(
         model=str(setup / 'model'), work_dir=str(tmp_path / 'w'), train_dataset=str(setup / 'data'),
-        cfg_overrides=overrides(1), freeze_vision=True, mask_ratio=0.5, grad_checkpointing=True))
+        cfg_overrides=overrides(1), freeze_vision=True, mask_ratio=0.5, grad_checkpointing=True, amp='bf16'))
     before = {k: v.clone() for k, v in trainer.model.clip.visual.state_dict().items()}
     text_before = trainer.model.clip.text_projection.detach().clone()
     trainer.train()
     after = trainer.model.clip.visual.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(text_before, trainer.model.clip.text_projection)
+    assert trainer.model.clip.text_projection.dtype == torch.float32  # autocast: fp32 master weights
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU-only refusal')
+def test_fp16_amp_is_refused_on_cpu_with_the_fix(setup, tmp_path):
+    with pytest.raises(ValueError, match="amp='fp16' needs CUDA .* on a CPU use amp='bf16'"):
+        build_trainer('cnclip-trainer', dict(model=str(setup / 'model'), work_dir=str(tmp_path / 'x'),
+                                             train_dataset=str(setup / 'data'), amp='fp16'))
 
 
 def test_optimizer_groups_schedule_and_loss():

@@ -6,6 +6,7 @@ retrieval evaluation and a plugin-layout output dir; ModelScope's hooks do the r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -135,13 +136,15 @@ class CNClipTrainer(EpochBasedTrainer):
         accum_freq: split each batch into this many chunks that go through the network one at a time, while the
             loss still contrasts every pair of the whole batch (features of the other chunks are cached, as the
             official training does): the memory of a chunk, the negatives of the batch.
+        amp: ``'bf16'`` runs forward passes under autocast in bfloat16 (CPUs with AVX512-BF16/AMX, and GPUs; no
+            loss scaling needed); ``'fp16'`` is ModelScope's ``use_fp16`` (CUDA AMP with a loss scaler).
     """
 
     def __init__(self, model: Any = None, cfg_file: str | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, work_dir: str | None = None, cfg_overrides: Mapping | None = None,
                  mask_ratio: float = 0.0, freeze_vision: bool = False, grad_checkpointing: bool = False,
                  full_grad_gather: bool = False, skip_corrupt: bool = False, device: str | None = None,
-                 accum_freq: int = 1, **kwargs: Any) -> None:
+                 accum_freq: int = 1, amp: str | None = None, **kwargs: Any) -> None:
         if not isinstance(model, CNClipForMultiModalEmbedding):
             model = CNClipForMultiModalEmbedding(str(model), device=device or 'cpu')
         cfg = _merged_config(cfg_file, cfg_overrides)
@@ -157,6 +160,13 @@ class CNClipTrainer(EpochBasedTrainer):
                                       model.tokenizer, skip_corrupt) if eval_dataset is not None else None
         self.mask_ratio, self.full_grad_gather = mask_ratio, full_grad_gather
         self.freeze_vision = freeze_vision
+        if amp not in (None, 'bf16', 'fp16'):
+            raise ValueError(f"amp={amp!r}: choose None, 'bf16' or 'fp16'")
+        if amp == 'fp16':
+            if not torch.cuda.is_available():
+                raise ValueError("amp='fp16' needs CUDA (a loss-scaled GPU mode); on a CPU use amp='bf16'")
+            kwargs['use_fp16'] = True
+        self.amp = amp
         if accum_freq < 1:
             raise ValueError(f'accum_freq={accum_freq} must be >= 1')
         self.accum_freq = accum_freq
@@ -212,11 +222,13 @@ class CNClipTrainer(EpochBasedTrainer):
         clip = self.ddp_clip or getattr(model, 'module', model).clip
         if self.freeze_vision:
             getattr(clip, 'module', clip).visual.eval()  # keeps RN50's BatchNorm statistics frozen too
-        if self.accum_freq == 1:
-            img, txt, scale = clip(inputs['pixel_values'], inputs['input_ids'], mask_ratio=self.mask_ratio)
-            loss, _ = contrastive_loss(img, txt, scale, gather=True, full_grad=self.full_grad_gather)
-        else:
-            loss = self._accumulated_step(clip, inputs)
+        with self._autocast(inputs['input_ids'].device):
+            if self.accum_freq == 1:
+                img, txt, scale = clip(inputs['pixel_values'], inputs['input_ids'], mask_ratio=self.mask_ratio)
+                loss, _ = contrastive_loss(img.float(), txt.float(), scale, gather=True,
+                                           full_grad=self.full_grad_gather)
+            else:
+                loss = self._accumulated_step(clip, inputs)
         self.train_outputs = {'loss': loss}
         scale = getattr(clip, 'module', clip).logit_scale
         self.log_buffer.update({'loss': float(loss.detach()), 'logit_scale': float(scale.detach()),
@@ -236,6 +248,11 @@ class CNClipTrainer(EpochBasedTrainer):
     def _dist_rank0() -> bool:
         return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
             torch.distributed.get_rank() == 0
+
+    def _autocast(self, device: torch.device) -> Any:
+        if self.amp == 'bf16':
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _accumulated_step(self, clip: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Backward chunk by chunk against cached features of the whole batch; returns a graph-less loss for the
