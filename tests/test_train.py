@@ -238,8 +238,8 @@ def test_ddp_on_cpu_with_torchrun_keeps_ranks_in_sync(setup, tmp_path, gather):
     out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
                           '--master_addr', '127.0.0.1', '--master_port', str(port), str(script), str(root), gather],
                          capture_output=True, text=True, timeout=600,
-                         env={**os.environ, 'OMP_NUM_THREADS': '1',
-                              'PYTHONPATH': os.pathsep.join([str(script.parents[2]), os.environ.get('PYTHONPATH', '')])})
+                         env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join(
+                             [str(script.parents[2]), os.environ.get('PYTHONPATH', '')])})
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((root / f'rank{r}.json').read_text()) for r in (0, 1)]
     assert ranks[0]['digest'] == ranks[1]['digest']  # gradients were averaged: identical weights
