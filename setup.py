@@ -23,8 +23,10 @@ CORE = [
     'sortedcontainers',
 ]
 EXTRAS = {
+    # the official LMDB form of training data
+    'train': ['lmdb'],
     # six: lets the tests load --to hub output with ModelScope's built-in CLIP class.
-    'test': ['pytest>=7', 'six'],
+    'test': ['pytest>=7', 'six', 'lmdb'],
 }
 EXTRAS['all'] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

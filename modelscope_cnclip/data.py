@@ -11,14 +11,17 @@ import binascii
 import io
 import json
 import logging
+import os
+import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from PIL import Image, ImageDraw
 
-__all__ = ['TextRecord', 'OfficialSplit', 'read_texts_jsonl', 'write_official_split', 'make_synthetic_split']
+__all__ = ['TextRecord', 'OfficialSplit', 'read_texts_jsonl', 'write_official_split', 'make_synthetic_split',
+           'LmdbSplit', 'write_lmdb_split']
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +122,89 @@ def write_official_split(data_dir: str | Path, split: str, images: dict, texts: 
         for t in texts:
             f.write(json.dumps({'text_id': t.text_id, 'text': t.text, 'image_ids': list(t.image_ids)},
                                ensure_ascii=False) + '\n')
+
+
+# --- the official LMDB form (cn_clip's build_lmdb_dataset.py) ---------------------------------------------------
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """The pairs DB stores pickled ``(image_id, text_id, text)`` tuples; refuse anything that is not plain data."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f'refusing to load {module}.{name} from an LMDB pair: only plain tuples of '
+                                     f'ids and text are expected')
+
+
+def _unpickle_pair(raw: bytes, where: str) -> tuple:
+    try:
+        pair = _NoGlobalsUnpickler(io.BytesIO(raw)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ValueError(f'{where}: not an (image_id, text_id, text) pair ({e})') from None
+    if not (isinstance(pair, tuple) and len(pair) == 3 and isinstance(pair[2], str)):
+        raise ValueError(f'{where}: expected (image_id, text_id, text), got {type(pair).__name__}')
+    return pair
+
+
+_LMDB_ENVS: dict = {}
+
+
+def _lmdb_env(path: Path) -> Any:
+    """One read-only environment per database and process (lmdb forbids opening one twice in a process, and an
+    environment must not cross a fork into DataLoader workers)."""
+    import lmdb
+    key = (str(path.resolve()), os.getpid())
+    if key not in _LMDB_ENVS:
+        _LMDB_ENVS[key] = lmdb.open(str(path), readonly=True, create=False, lock=False, readahead=False,
+                                    meminit=False)
+    return _LMDB_ENVS[key]
+
+
+class LmdbSplit:
+    """One split of the official LMDB form: ``{lmdb_dir}/{split}/imgs`` (image id -> base64) and
+    ``{lmdb_dir}/{split}/pairs`` (index -> ``(image_id, text_id, text)``, plus ``num_samples``). Needs ``lmdb``
+    (``pip install modelscope_cnclip[train]``)."""
+
+    def __init__(self, lmdb_dir: str | Path, split: str) -> None:
+        try:
+            import lmdb  # noqa: F401
+        except ImportError:
+            raise ImportError('reading the LMDB form needs the lmdb package: pip install "modelscope_cnclip[train]"'
+                              ) from None
+        d = Path(lmdb_dir) / split
+        if not (d / 'imgs').is_dir() or not (d / 'pairs').is_dir():
+            raise FileNotFoundError(f'{d}: expected LMDB databases imgs/ and pairs/ (official Chinese-CLIP LMDB form)')
+        self._imgs_path = d / 'imgs'
+        with _lmdb_env(d / 'pairs').begin() as txn:
+            n = int(txn.get(b'num_samples').decode())
+            self.pairs_list = [_unpickle_pair(txn.get(str(i).encode()), f'{d}/pairs[{i}]') for i in range(n)]
+
+    def image_bytes(self, image_id: int | str) -> bytes:
+        with _lmdb_env(self._imgs_path).begin() as txn:
+            raw = txn.get(str(image_id).encode())
+        if raw is None:
+            raise ValueError(f'image {image_id!r} is not in the LMDB imgs database')
+        return base64.urlsafe_b64decode(raw)
+
+    def pairs(self) -> Iterator[tuple[int | str, str, int | str]]:
+        """Every (text_id, text, image_id) pair, like :meth:`OfficialSplit.pairs`."""
+        for image_id, text_id, text in self.pairs_list:
+            yield text_id, text, image_id
+
+
+def write_lmdb_split(split: OfficialSplit, lmdb_dir: str | Path, name: str) -> None:
+    """Pack an official tsv + jsonl split into the LMDB form (as cn_clip's build_lmdb_dataset.py does)."""
+    import lmdb
+    d = Path(lmdb_dir) / name
+    d.mkdir(parents=True, exist_ok=True)
+    with lmdb.open(str(d / 'imgs'), map_size=1 << 36) as env, env.begin(write=True) as txn:
+        for image_id in split.image_ids:
+            txn.put(str(image_id).encode(), base64.urlsafe_b64encode(split.image_bytes(image_id)))
+        txn.put(b'num_images', str(len(split.image_ids)).encode())
+    with lmdb.open(str(d / 'pairs'), map_size=1 << 32) as env, env.begin(write=True) as txn:
+        n = 0
+        for text_id, text, image_id in split.pairs():
+            txn.put(str(n).encode(), pickle.dumps((image_id, text_id, text)))
+            n += 1
+        txn.put(b'num_samples', str(n).encode())
 
 
 # --- a generated dataset with known answers ------------------------------------------------------------------------

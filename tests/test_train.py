@@ -246,3 +246,31 @@ def test_ddp_on_cpu_with_torchrun_keeps_ranks_in_sync(setup, tmp_path, gather):
     assert ranks[0]['world'] == 2 and ranks[0]['global_batch'] == 32
     assert ranks[0]['iters'] == 2 * 8  # 256 pairs / (16 per rank x 2 ranks) x 2 epochs
     assert (root / 'work' / 'output' / 'model.safetensors').is_file()
+
+
+def test_official_lmdb_form_trains(setup, tmp_path):
+    import pickle
+
+    from modelscope_cnclip.data import LmdbSplit, OfficialSplit, write_lmdb_split
+    from modelscope_cnclip.train import read_pairs
+    write_lmdb_split(OfficialSplit(setup / 'data', 'train'), tmp_path / 'lmdb', 'train')
+    official = list(OfficialSplit(setup / 'data', 'train').pairs())
+    lm = LmdbSplit(tmp_path / 'lmdb', 'train')
+    assert list(lm.pairs()) == official
+    pairs = read_pairs(tmp_path / 'lmdb', 'train')
+    assert [(t, i) for _, t, i in pairs] == [(t, i) for _, t, i in official]
+    assert pairs[0][0]() == OfficialSplit(setup / 'data', 'train').image_bytes(official[0][2])
+    trainer = build_trainer('cnclip-trainer', dict(model=str(setup / 'model'), work_dir=str(tmp_path / 'w'),
+                                                   train_dataset=str(tmp_path / 'lmdb'), cfg_overrides=overrides(1)))
+    trainer.train()
+    # a pair that pickles code is refused
+    import lmdb
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ('owned',))
+    write_lmdb_split(OfficialSplit(setup / 'data', 'train'), tmp_path / 'evil', 'train')
+    with lmdb.open(str(tmp_path / 'evil' / 'train' / 'pairs'), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        txn.put(b'0', pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match=r'pairs\[0\]: not an \(image_id, text_id, text\) pair .*refusing to load'):
+        LmdbSplit(tmp_path / 'evil', 'train')

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data import OfficialSplit
+from ..data import LmdbSplit, OfficialSplit
 from ..tokenizer import Tokenizer
 from ..transform import ImageTransform
 
@@ -64,7 +64,7 @@ def collate_pairs(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torc
     return {'pixel_values': torch.stack([b['pixel_values'] for b in batch]), 'input_ids': ids}
 
 
-def _official_pairs(split: OfficialSplit) -> list[tuple[Callable[[], bytes], str, Any]]:
+def _official_pairs(split: OfficialSplit | LmdbSplit) -> list[tuple[Callable[[], bytes], str, Any]]:
     return [(lambda i=image_id: split.image_bytes(i), text, image_id) for _, text, image_id in split.pairs()]
 
 
@@ -85,20 +85,23 @@ def _jsonl_pairs(path: Path) -> list[tuple[Any, str, Any]]:
 
 
 def read_pairs(source: Any, split: str = 'train', column_map: Mapping[str, str] | None = None) -> list[tuple]:
-    """Pairs from an official-format dir (``{split}_imgs.tsv`` + ``{split}_texts.jsonl``), a jsonl of
+    """Pairs from an official-format dir (``{split}_imgs.tsv`` + ``{split}_texts.jsonl``, or its LMDB form
+    ``{split}/imgs`` + ``{split}/pairs``), a jsonl of
     ``{"image": path, "text": ...}`` lines, or rows (dicts; an ``MsDataset``) with the ``column_map`` columns."""
     columns = {'img': 'img', 'text': 'text', **(column_map or {})}
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir() and (path / f'{split}_texts.jsonl').is_file():
             return _official_pairs(OfficialSplit(path, split))
+        if (path / split / 'pairs').is_dir():
+            return _official_pairs(LmdbSplit(path, split))
         if path.is_file() and path.suffix == '.jsonl':
             return _jsonl_pairs(path)
         if path.is_dir() and (path / f'{split}.jsonl').is_file():
             return _jsonl_pairs(path / f'{split}.jsonl')
         raise FileNotFoundError(f'{source}: expected an official-format dir ({split}_imgs.tsv + {split}_texts.jsonl),'
                                 f' a dir with {split}.jsonl, or a .jsonl file of {{"image", "text"}} lines')
-    if isinstance(source, OfficialSplit):
+    if isinstance(source, (OfficialSplit, LmdbSplit)):
         return _official_pairs(source)
     pairs = []
     for n, row in enumerate(source):
