@@ -90,9 +90,9 @@ def test_tutorial_config_runs_with_only_the_trainer_name_changed(setup, tmp_path
                                         'eps': 1e-08},
                   'optimizer_hook': {'type': 'TorchAMPOptimizerHook', 'cumulative_iters': 1},
                   'loss_cfg': {'aggregate': True},
-                  'hooks': [{'type': 'BestCkptSaverHook', 'metric_key': 'inbatch_t2i_recall_at_1', 'interval': 100},
+                  'hooks': [{'type': 'BestCkptSaverHook', 'metric_key': 'inbatch_t2i_recall_at_1', 'interval': 1},
                             {'type': 'TextLoggerHook', 'interval': 1}, {'type': 'IterTimerHook'},
-                            {'type': 'EvaluationHook', 'by_epoch': False, 'interval': 4},
+                            {'type': 'EvaluationHook', 'by_epoch': False, 'interval': 1},
                             {'type': 'ClipClampLogitScaleHook'}]},
         'evaluation': {'dataloader': {'batch_size_per_gpu': 16, 'workers_per_gpu': 0, 'shuffle': False,
                                       'drop_last': False}, 'metrics': [{'type': 'inbatch_recall'}]}}
@@ -107,6 +107,11 @@ def test_tutorial_config_runs_with_only_the_trainer_name_changed(setup, tmp_path
     trainer.train()
     assert trainer.model.clip.logit_scale.item() <= math.log(100) + 1e-6
     assert (tmp_path / 'w' / 'output' / 'model.safetensors').is_file()
+    # BestCkptSaverHook keyed on the tutorial's in-batch recall: output_best holds that checkpoint's weights
+    best = next((tmp_path / 'w').glob('best_*_inbatch_t2i_recall_at_1*[0-9].pth'))
+    state = torch.load(best, map_location='cpu', weights_only=True)
+    saved = read_source(tmp_path / 'w' / 'output_best').state_dict
+    assert all(torch.equal(saved[k[len('clip.'):]], v) for k, v in state.items() if k.startswith('clip.'))
 
 
 def test_jsonl_source_corrupt_images_and_clear_errors(setup, tmp_path):
@@ -274,3 +279,19 @@ def test_official_lmdb_form_trains(setup, tmp_path):
         txn.put(b'0', pickle.dumps(Evil()))
     with pytest.raises(ValueError, match=r'pairs\[0\]: not an \(image_id, text_id, text\) pair .*refusing to load'):
         LmdbSplit(tmp_path / 'evil', 'train')
+
+
+def test_msdataset_with_muge_columns(setup, tmp_path):
+    import datasets
+    from modelscope.msdatasets import MsDataset
+    paths = []
+    for i in range(32):
+        paths.append(str(tmp_path / f'{i}.png'))
+        Image.new('RGB', (64, 64), (i * 7, 90, 255 - i * 7)).save(paths[-1])
+    ms = MsDataset.to_ms_dataset(datasets.Dataset.from_dict({'image': paths, 'query': [f'颜色{i}' for i in range(32)]}))
+    trainer = build_trainer('cnclip-trainer', dict(
+        model=str(setup / 'model'), work_dir=str(tmp_path / 'w'), train_dataset=ms, eval_dataset=ms,
+        cfg_overrides={**overrides(1, batch=16), 'dataset': {'column_map': {'img': 'image', 'text': 'query'}}}))
+    trainer.train()
+    assert len(trainer.train_pairs) == 32 and trainer.train_pairs.pairs[3][1] == '颜色3'
+    assert 't2i_recall_at_1' in trainer.evaluate()

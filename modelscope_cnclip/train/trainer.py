@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,7 +24,7 @@ from modelscope.utils.config import Config
 
 from ..evaluation import inbatch_recall, retrieval_metrics
 from ..ms.model import CNClipForMultiModalEmbedding
-from ..sources import default_configuration
+from ..sources import default_configuration, write_dir
 from .dataset import EpochShuffleSampler, PairDataset, collate_pairs, read_pairs
 from .loss import contrastive_loss
 
@@ -240,9 +241,32 @@ class CNClipTrainer(EpochBasedTrainer):
         with _numpy_rng_state_allowed():
             super().train(*args, **kwargs)
         if self._dist_rank0():
+            model = getattr(self.model, 'module', self.model)
             out = Path(self.work_dir) / 'output'
-            getattr(self.model, 'module', self.model).save_pretrained(out, config=self.cfg.to_dict())
+            model.save_pretrained(out, config=self.cfg.to_dict())
             logger.info('finetuned model written to %s', out)
+            self._write_best_output(model)
+
+    def _write_best_output(self, model: Any) -> None:
+        """Make ``output_best`` a plugin dir holding the best checkpoint's weights. ModelScope fills it with the
+        starting weights and later links a ``.bin`` beside them; a stale dir would look loadable, so it is removed
+        when no best checkpoint was saved."""
+        best_dir = Path(self.work_dir) / 'output_best'
+        best = next((h for h in self.hooks if type(h).__name__ == 'BestCkptSaverHook'), None)
+        prefix = getattr(best, '_best_ckpt_file', None)
+        if not prefix:
+            if best_dir.exists():
+                shutil.rmtree(best_dir)
+            return
+        state = torch.load(f'{prefix}.pth', map_location='cpu', weights_only=True)
+        state = state.get('state_dict', state)
+        ckpt = model.to_checkpoint()
+        ckpt.state_dict = {k[len('clip.'):]: v for k, v in state.items() if k.startswith('clip.')}
+        conf = self.cfg.to_dict()
+        write_dir(ckpt, best_dir, 'plugin', overwrite=True, configuration={
+            **conf, 'model': {'type': 'cnclip'}, 'pipeline': {'type': 'cnclip-multi-modal-embedding'},
+            'preprocessor': {'type': 'cnclip-preprocessor'}})
+        logger.info('best checkpoint (%s) written to %s', Path(prefix).name, best_dir)
 
     @staticmethod
     def _dist_rank0() -> bool:
