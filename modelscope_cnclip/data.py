@@ -232,15 +232,21 @@ def _draw(color: tuple, shape: str, x: float, size: int, rng: random.Random) -> 
 
 
 def make_synthetic_split(data_dir: str | Path, split: str, n_images: int, seed: int = 0,
-                         size: int = 64) -> OfficialSplit:
+                         size: int = 64, unique: bool = False) -> OfficialSplit:
     """Generate images of one coloured shape on the left or right, captioned in Chinese
     ("左边有一个红色的圆形"), in the official format. The caption fully describes the image, so retrieval has
-    known answers; there are 6 x 3 x 2 = 36 distinct scenes."""
+    known answers; there are 6 x 3 x 2 = 36 distinct scenes. With ``unique`` every image is a different scene
+    (at most 36), so no two pairs tie."""
     rng = random.Random(seed)
+    scenes = [(c, s, p) for c in COLORS for s in SHAPES for p in PLACES]
+    if unique:
+        if n_images > len(scenes):
+            raise ValueError(f'unique=True allows at most {len(scenes)} images, got n_images={n_images}')
+        rng.shuffle(scenes)
     images, texts = {}, []
     templates = ('{place}有一个{color}的{shape}', '一个{color}{shape}在{place}', '{color}的{shape}，位于{place}')
     for i in range(n_images):
-        color, shape, place = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(PLACES))
+        color, shape, place = scenes[i] if unique else rng.choice(scenes)
         image_id = 1000 + i
         images[image_id] = _draw(COLORS[color], shape, PLACES[place], size, rng)
         text = rng.choice(templates).format(place=place, color=color, shape=shape)

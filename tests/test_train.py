@@ -35,7 +35,7 @@ def overrides(epochs: int, lr: float = 1e-3, batch: int = 32) -> dict:
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp('train')
-    make_synthetic_split(root / 'data', 'train', 256, seed=1)
+    make_synthetic_split(root / 'data', 'train', 512, seed=1)
     make_synthetic_split(root / 'data', 'valid', 64, seed=2)
     write_dir(Checkpoint(random_state_dict(CFG), CFG), root / 'model')
     return root
@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
 def trained(setup):
     trainer = build_trainer('cnclip-trainer', dict(
         model=str(setup / 'model'), work_dir=str(setup / 'work'), train_dataset=str(setup / 'data'),
-        eval_dataset=str(setup / 'data'), cfg_overrides=overrides(15)))
+        eval_dataset=str(setup / 'data'), cfg_overrides=overrides(25)))
     before = trainer.evaluate()
     trainer.train()
     return trainer, before, trainer.evaluate()
@@ -249,7 +249,7 @@ def test_ddp_on_cpu_with_torchrun_keeps_ranks_in_sync(setup, tmp_path, gather):
     ranks = [json.loads((root / f'rank{r}.json').read_text()) for r in (0, 1)]
     assert ranks[0]['digest'] == ranks[1]['digest']  # gradients were averaged: identical weights
     assert ranks[0]['world'] == 2 and ranks[0]['global_batch'] == 32
-    assert ranks[0]['iters'] == 2 * 8  # 256 pairs / (16 per rank x 2 ranks) x 2 epochs
+    assert ranks[0]['iters'] == 2 * 16  # 512 pairs / (16 per rank x 2 ranks) x 2 epochs
     assert (root / 'work' / 'output' / 'model.safetensors').is_file()
 
 
@@ -295,3 +295,30 @@ def test_msdataset_with_muge_columns(setup, tmp_path):
     trainer.train()
     assert len(trainer.train_pairs) == 32 and trainer.train_pairs.pairs[3][1] == '颜色3'
     assert 't2i_recall_at_1' in trainer.evaluate()
+
+
+def test_bf16_mode_keeps_retrieval_metrics_of_a_trained_model(trained, setup):
+    """Issue 3's fast-mode criterion on a model that has learned something: R@1/5/10 within 0.5 points of exact."""
+    from modelscope_cnclip import load
+    from modelscope_cnclip.evaluation import evaluate_split
+    out = setup / 'work' / 'output'
+    # every scene once: duplicated captions would be exact ties that any rounding may reorder
+    make_synthetic_split(setup / 'unique', 'test', 36, seed=5, unique=True)
+    exact = evaluate_split(load(out, precision='fp32'), str(setup / 'unique'), 'test')
+    fast = evaluate_split(load(out, precision='bf16'), str(setup / 'unique'), 'test')
+    assert exact['t2i']['r1'] > 10 * 100 / 36 and exact['i2t']['r1'] > 10 * 100 / 36  # far above chance
+    for direction in ('t2i', 'i2t'):
+        for k in ('r1', 'r5', 'r10'):
+            assert abs(exact[direction][k] - fast[direction][k]) <= 0.5, (direction, k, exact, fast)
+
+
+def test_training_without_eval_data_skips_evaluation_hooks(setup, tmp_path):
+    trainer = build_trainer('cnclip-trainer', dict(
+        model=str(setup / 'model'), work_dir=str(tmp_path / 'w'), train_dataset=str(setup / 'data'),
+        cfg_overrides={**overrides(1), 'train': {**overrides(1)['train'], 'hooks': [
+            {'type': 'EvaluationHook', 'by_epoch': False, 'interval': 1},
+            {'type': 'BestCkptSaverHook', 'metric_key': 't2i_recall_at_1', 'interval': 1}]}}))
+    trainer.train()  # the default hooks evaluate; without eval data they are disabled instead of failing
+    assert (tmp_path / 'w' / 'output' / 'model.safetensors').is_file()
+    with pytest.raises(ValueError, match='no eval_dataset was given'):
+        trainer.evaluate()

@@ -35,6 +35,7 @@ TRAINER_TYPE = 'cnclip-trainer'
 LOGIT_SCALE_MAX = math.log(100)
 # Tutorial hook names that import ModelScope's CUDA-only CLIP trainer, and this plugin's equivalents.
 _HOOK_RENAMES = {'ClipClampLogitScaleHook': 'CNClipClampLogitScaleHook'}
+_EVAL_HOOKS = ('EvaluationHook', 'BestCkptSaverHook')
 
 
 class _SamplerEpochHook(Hook):
@@ -94,7 +95,6 @@ def _merged_config(cfg_file: str | None, overrides: Mapping[str, Any] | None) ->
     if opt_hook and opt_hook.get('type') == 'TorchAMPOptimizerHook' and not torch.cuda.is_available():
         opt_hook['type'] = 'OptimizerHook'
     d['train']['lr_scheduler_hook'] = {'type': 'LrSchedulerHook', 'by_epoch': False}
-    d['train'].pop('optimizer', None)
     return d
 
 
@@ -149,6 +149,11 @@ class CNClipTrainer(EpochBasedTrainer):
         if not isinstance(model, CNClipForMultiModalEmbedding):
             model = CNClipForMultiModalEmbedding(str(model), device=device or 'cpu')
         cfg = _merged_config(cfg_file, cfg_overrides)
+        if eval_dataset is None:  # evaluation hooks would only fail later, mid-training
+            dropped = [h['type'] for h in cfg['train'].get('hooks', []) if h['type'] in _EVAL_HOOKS]
+            cfg['train']['hooks'] = [h for h in cfg['train'].get('hooks', []) if h['type'] not in _EVAL_HOOKS]
+            if dropped:
+                logger.info('no eval_dataset: %s disabled', dropped)
         work_dir = work_dir or cfg['train'].get('work_dir', './work')
         Path(work_dir).mkdir(parents=True, exist_ok=True)
         merged_file = Path(work_dir) / 'configuration.json'
@@ -301,6 +306,11 @@ class CNClipTrainer(EpochBasedTrainer):
         return (total / self.accum_freq).requires_grad_()
 
     # --- evaluation ---------------------------------------------------------------------------------------------
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        if self.eval_pairs is None:
+            raise ValueError('no eval_dataset was given to the trainer; pass eval_dataset=... to evaluate')
+        return super().evaluate(*args, **kwargs)
 
     @torch.inference_mode()
     def evaluation_loop(self, data_loader: Any, metric_classes: Any) -> dict[str, float]:
