@@ -120,6 +120,35 @@ def _numpy_rng_state_allowed() -> Any:
     return torch.serialization.safe_globals(allowed)
 
 
+def _check_options(amp: str | None, accum_freq: int) -> None:
+    if amp not in (None, 'bf16', 'fp16'):
+        raise ValueError(f"amp={amp!r}: choose None, 'bf16' or 'fp16'")
+    if amp == 'fp16' and not torch.cuda.is_available():
+        raise ValueError("amp='fp16' needs CUDA (a loss-scaled GPU mode); on a CPU use amp='bf16'")
+    if accum_freq < 1:
+        raise ValueError(f'accum_freq={accum_freq} must be >= 1')
+
+
+def _drop_eval_hooks(cfg: dict[str, Any]) -> None:
+    """Without evaluation data the evaluation hooks would only fail later, mid-training: disable them."""
+    hooks = cfg['train'].get('hooks', [])
+    dropped = [h['type'] for h in hooks if h['type'] in _EVAL_HOOKS]
+    cfg['train']['hooks'] = [h for h in hooks if h['type'] not in _EVAL_HOOKS]
+    if dropped:
+        logger.info('no eval_dataset: %s disabled', dropped)
+
+
+def _optimizer_and_schedule(cfg: dict[str, Any], clip: torch.nn.Module, n_train: int,
+                            world: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW from ``train.optimizer_hparams`` and warmup + cosine over the whole run's optimizer steps."""
+    hp = cfg['train']['optimizer_hparams']
+    optimizer = build_optimizer(clip, hp['lr'], hp['weight_decay'], (hp['beta1'], hp['beta2']), hp['eps'])
+    batch = cfg['train']['dataloader']['batch_size_per_gpu']
+    steps = cfg['train']['max_epochs'] * max(1, math.ceil(n_train / (batch * world)))
+    warmup = int(cfg['train'].get('lr_scheduler', {}).get('warmup_proportion', 0.1) * steps)
+    return optimizer, warmup_cosine(optimizer, steps, warmup)
+
+
 @TRAINERS.register_module(module_name=TRAINER_TYPE)
 class CNClipTrainer(EpochBasedTrainer):
     """Finetune Chinese CLIP with ModelScope's trainer machinery.
@@ -148,73 +177,56 @@ class CNClipTrainer(EpochBasedTrainer):
                  accum_freq: int = 1, amp: str | None = None, **kwargs: Any) -> None:
         if not isinstance(model, CNClipForMultiModalEmbedding):
             model = CNClipForMultiModalEmbedding(str(model), device=device or 'cpu')
+        _check_options(amp, accum_freq)
+        if amp == 'fp16':
+            kwargs['use_fp16'] = True
+        self.amp, self.accum_freq, self.mask_ratio = amp, accum_freq, mask_ratio
+        self.full_grad_gather, self.freeze_vision = full_grad_gather, freeze_vision
+
         cfg = _merged_config(cfg_file, cfg_overrides)
-        if eval_dataset is None:  # evaluation hooks would only fail later, mid-training
-            dropped = [h['type'] for h in cfg['train'].get('hooks', []) if h['type'] in _EVAL_HOOKS]
-            cfg['train']['hooks'] = [h for h in cfg['train'].get('hooks', []) if h['type'] not in _EVAL_HOOKS]
-            if dropped:
-                logger.info('no eval_dataset: %s disabled', dropped)
+        if eval_dataset is None:
+            _drop_eval_hooks(cfg)
         work_dir = work_dir or cfg['train'].get('work_dir', './work')
         Path(work_dir).mkdir(parents=True, exist_ok=True)
         merged_file = Path(work_dir) / 'configuration.json'
         merged_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding='utf-8')
 
         column_map = cfg.get('dataset', {}).get('column_map')
-        self.train_pairs = PairDataset(read_pairs(train_dataset, 'train', column_map), model.transform,
-                                       model.tokenizer, skip_corrupt) if train_dataset is not None else None
-        self.eval_pairs = PairDataset(read_pairs(eval_dataset, 'valid', column_map), model.transform,
-                                      model.tokenizer, skip_corrupt) if eval_dataset is not None else None
-        self.mask_ratio, self.full_grad_gather = mask_ratio, full_grad_gather
-        self.freeze_vision = freeze_vision
-        if amp not in (None, 'bf16', 'fp16'):
-            raise ValueError(f"amp={amp!r}: choose None, 'bf16' or 'fp16'")
-        if amp == 'fp16':
-            if not torch.cuda.is_available():
-                raise ValueError("amp='fp16' needs CUDA (a loss-scaled GPU mode); on a CPU use amp='bf16'")
-            kwargs['use_fp16'] = True
-        self.amp = amp
-        if accum_freq < 1:
-            raise ValueError(f'accum_freq={accum_freq} must be >= 1')
-        self.accum_freq = accum_freq
+        self.train_pairs, self.eval_pairs = (
+            PairDataset(read_pairs(data, split, column_map), model.transform, model.tokenizer, skip_corrupt)
+            if data is not None else None for data, split in ((train_dataset, 'train'), (eval_dataset, 'valid')))
+
         model.clip.set_grad_checkpointing(grad_checkpointing)
         if freeze_vision:
             for p in model.clip.visual.parameters():
                 p.requires_grad_(False)
-
-        self.ddp_clip = None
         world = int(os.environ.get('WORLD_SIZE', 1))
         if world > 1 and not kwargs.get('launcher'):
             device = _init_distributed(device)
             model.to(device)
-
-        hp = cfg['train']['optimizer_hparams']
-        optimizer = build_optimizer(model.clip, hp['lr'], hp['weight_decay'], (hp['beta1'], hp['beta2']), hp['eps'])
-        batch = cfg['train']['dataloader']['batch_size_per_gpu']
-        steps = cfg['train']['max_epochs'] * max(1, math.ceil(len(self.train_pairs or []) / (batch * world)))
-        warmup = int(cfg['train'].get('lr_scheduler', {}).get('warmup_proportion', 0.1) * steps)
-        scheduler = warmup_cosine(optimizer, steps, warmup)
+        optimizers = _optimizer_and_schedule(cfg, model.clip, len(self.train_pairs or []), world)
+        samplers = None
+        if self.train_pairs is not None:
+            samplers = {'train': EpochShuffleSampler(len(self.train_pairs), kwargs.get('seed', 42),
+                                                     int(os.environ.get('RANK', 0)), world,
+                                                     cfg['train']['dataloader'].get('shuffle', True)), 'val': None}
 
         # ModelScope asks the hub whether a local model dir is up to date (slow or hanging offline); a model
         # object without model_dir skips that check.
-        samplers = None
-        if self.train_pairs is not None:
-            rank = int(os.environ.get('RANK', 0))
-            shuffle = cfg['train']['dataloader'].get('shuffle', True)
-            samplers = {'train': EpochShuffleSampler(len(self.train_pairs), kwargs.get('seed', 42), rank, world,
-                                                     shuffle), 'val': None}
         model_dir = model.__dict__.pop('model_dir', None)
         try:
             super().__init__(model=model, cfg_file=str(merged_file), train_dataset=self.train_pairs,
                              eval_dataset=self.eval_pairs, data_collator=collate_pairs, work_dir=work_dir,
-                             optimizers=(optimizer, scheduler), device=device, samplers=samplers, **kwargs)
+                             optimizers=optimizers, device=device, samplers=samplers, **kwargs)
         finally:
             model.model_dir = model_dir
         self.register_hook(_SamplerEpochHook())
+        self.ddp_clip = None
         if torch.distributed.is_available() and torch.distributed.is_initialized() and not kwargs.get('launcher'):
             # Only the network is wrapped, so the ModelScope model (and what it saves) keeps plain names.
             ids = [torch.cuda.current_device()] if next(model.clip.parameters()).is_cuda else None
             self.ddp_clip = torch.nn.parallel.DistributedDataParallel(model.clip, device_ids=ids)
-        self.global_batch_size = batch * world
+        self.global_batch_size = cfg['train']['dataloader']['batch_size_per_gpu'] * world
 
     def build_dataset(self, datasets: Any = None, model_cfg: Any = None, mode: Any = None, preprocessor: Any = None,
                       **kwargs: Any) -> Any:
