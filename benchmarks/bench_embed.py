@@ -36,6 +36,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import PEAK_RSS_GB, emit  # noqa: E402
+
 from modelscope_cnclip import get_config, load  # noqa: E402
 from modelscope_cnclip.config import CLIPConfig  # noqa: E402
 from modelscope_cnclip.inference import encode_images  # noqa: E402
@@ -338,8 +340,7 @@ from modelscope_cnclip import load
 t = time.perf_counter(); m = load({str(d)!r}, precision={precision!r}); load_s = time.perf_counter() - t
 m.encode_image([Image.new('RGB', (640, 480), (i * 40, 90, 200)) for i in range(4)])
 m.encode_text(['猫', '狗', '海边', '雪山'])
-hwm = next(int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM'))  # kB; reset at exec
-print(json.dumps({{'load_s': load_s, 'rss_gb': hwm / 2**20}}))
+print(json.dumps({{'load_s': load_s, 'rss_gb': {PEAK_RSS_GB}}}))
 '''
             out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=1800)
             if out.returncode:
@@ -378,10 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             section_throughput(args, work, report)
         if args.memory:
             section_memory(args, work, report)
-    text = '\n'.join(report) + '\n'
-    print(text)
-    if args.out:
-        args.out.write_text(text, encoding='utf-8')
+    emit(report, args.out)
     return 0
 
 

@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import PEAK_RSS_GB, emit  # noqa: E402
 
 CONFIGS = {
     'fp32 (plain loop)': {},
@@ -54,9 +57,8 @@ t = time.perf_counter()
 for _ in range({steps}):
     step()
 sec = (time.perf_counter() - t) / {steps}
-hwm = next(int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')) / 2**20
 gpu = torch.cuda.max_memory_allocated() / 2**30 if device.startswith('cuda') else None
-print(json.dumps({{'samples_s': {batch} / sec, 'rss_gb': hwm, 'gpu_gb': gpu}}))
+print(json.dumps({{'samples_s': {batch} / sec, 'rss_gb': {peak}, 'gpu_gb': gpu}}))
 '''
 
 
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, options in CONFIGS.items():
             code = WORKER.format(repo=str(REPO), threads=args.threads, options=json.dumps(options),
                                  device=args.device, model=str(root / 'model'), work=str(root / 'work'),
-                                 data=str(root / 'data'), batch=args.batch, steps=args.steps)
+                                 data=str(root / 'data'), batch=args.batch, steps=args.steps, peak=PEAK_RSS_GB)
             out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=3600)
             if out.returncode:
                 raise RuntimeError(f'{name}: {out.stderr[-2000:]}')
@@ -100,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows:
         gpu = f'{r["gpu_gb"]:.2f} GB' if r['gpu_gb'] is not None else 'n/a'
         lines.append(f'| {name} | {r["samples_s"]:.2f} | {r["samples_s"] / base:.2f} | {r["rss_gb"]:.2f} GB | {gpu} |')
-    text = '\n'.join(lines) + '\n'
-    print(text)
-    if args.out:
-        args.out.write_text(text, encoding='utf-8')
+    emit(lines, args.out)
     return 0
 
 
