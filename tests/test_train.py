@@ -322,3 +322,38 @@ def test_training_without_eval_data_skips_evaluation_hooks(setup, tmp_path):
     assert (tmp_path / 'w' / 'output' / 'model.safetensors').is_file()
     with pytest.raises(ValueError, match='no eval_dataset was given'):
         trainer.evaluate()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('amp', [None, 'bf16', 'fp16'])
+def test_training_on_one_gpu(setup, tmp_path, amp):
+    trainer = build_trainer('cnclip-trainer', dict(
+        model=str(setup / 'model'), work_dir=str(tmp_path / 'w'), train_dataset=str(setup / 'data'),
+        eval_dataset=str(setup / 'data'), device='cuda', amp=amp, cfg_overrides=overrides(2)))
+    before = trainer.model.clip.text_projection.detach().clone()
+    trainer.train()
+    assert next(trainer.model.parameters()).is_cuda
+    assert not torch.equal(before, trainer.model.clip.text_projection.detach())
+    assert 't2i_recall_at_1' in trainer.evaluate()
+    p = pipeline(Tasks.multi_modal_embedding, model=str(tmp_path / 'w' / 'output'), device='cpu')
+    assert p({'text': '红色的圆形'})['text_embedding'].shape == (1, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs 2 GPUs')
+def test_ddp_on_two_gpus_with_torchrun(setup, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = tmp_path / 'ddp'
+    shutil.copytree(setup / 'data', root / 'data')
+    shutil.copytree(setup / 'model', root / 'model')
+    script = Path(__file__).parent / 'scripts' / 'ddp_train.py'
+    out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', str(script),
+                          str(root), 'local', 'cuda'], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, 'PYTHONPATH': str(script.parents[2])})
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((root / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert ranks[0]['digest'] == ranks[1]['digest'] and ranks[0]['world'] == 2

@@ -291,8 +291,10 @@ class CNClipTrainer(EpochBasedTrainer):
             torch.distributed.get_rank() == 0
 
     def _autocast(self, device: torch.device) -> Any:
-        if self.amp == 'bf16':
-            return torch.autocast(device.type, dtype=torch.bfloat16)
+        """The step's forward runs here, not through ModelScope's model.forward wrapper, so autocast is ours
+        (fp16 losses are still scaled by ModelScope's AMP optimizer hook)."""
+        if self.amp:
+            return torch.autocast(device.type, dtype=torch.bfloat16 if self.amp == 'bf16' else torch.float16)
         return contextlib.nullcontext()
 
     def _accumulated_step(self, clip: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
