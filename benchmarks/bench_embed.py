@@ -45,6 +45,12 @@ from modelscope_cnclip.model import CLIP  # noqa: E402
 from modelscope_cnclip.sources import Checkpoint, write_dir  # noqa: E402
 
 logger = logging.getLogger('bench')
+DEVICE = torch.device('cpu')  # set from --device in main()
+
+
+def _sync() -> None:
+    if DEVICE.type == 'cuda':
+        torch.cuda.synchronize()
 
 SHORT_QUERIES = ['杰尼龟', '妙蛙种子', '小火龙', '皮卡丘', '海边的日落', '一只橘猫', '红色连衣裙', '雪山', '故宫',
                  '熊猫吃竹子', '夜晚的城市', '一碗拉面', '足球比赛', '樱花盛开', '咖啡拿铁', '儿童自行车', '蓝色跑车',
@@ -57,10 +63,12 @@ def timed(fn: Callable[[], Any], reps: int) -> float:
     """Fastest of ``reps`` calls after one warm-up call (the least disturbed run on a shared machine; used for
     every system and for the ceilings alike)."""
     fn()
+    _sync()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return min(times)
 
@@ -69,7 +77,7 @@ def gemm_ceiling(dtype: torch.dtype, shapes: list[tuple[int, int, int]], reps: i
     """Best GFLOP/s of ``F.linear`` over ``shapes`` (M, K, N) in ``dtype``."""
     best = 0.0
     for m, k, n in shapes:
-        a, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+        a, w = torch.randn(m, k, device=DEVICE).to(dtype), torch.randn(n, k, device=DEVICE).to(dtype)
         sec = timed(lambda a=a, w=w: F.linear(a, w), reps)
         best = max(best, 2 * m * k * n / sec / 1e9)
     return best
@@ -121,7 +129,7 @@ class System:
 
 
 def ours(model_dir: Path, precision: str, batch: int) -> System:
-    m = load(model_dir, device='cpu', precision=precision)
+    m = load(model_dir, device=DEVICE, precision=precision)
     return System(f'modelscope_cnclip {precision}', lambda ims: m.encode_image(ims, batch_size=batch),
                   lambda txs: m.encode_text(txs, batch_size=batch),
                   lambda ims, txs: (m.encode_image(ims, batch_size=batch), m.encode_text(txs, batch_size=batch)))
@@ -133,7 +141,7 @@ def hf_peer(hf_dir: Path) -> System:
         from transformers import ChineseCLIPImageProcessorPil as Proc
     except ImportError:
         from transformers import ChineseCLIPImageProcessor as Proc
-    model = ChineseCLIPModel.from_pretrained(hf_dir).eval()
+    model = ChineseCLIPModel.from_pretrained(hf_dir).eval().to(DEVICE)
     proc = Proc.from_pretrained(hf_dir)
     tok = AutoTokenizer.from_pretrained(hf_dir)
 
@@ -142,11 +150,12 @@ def hf_peer(hf_dir: Path) -> System:
 
     @torch.inference_mode()
     def images(ims: list) -> torch.Tensor:
-        return feats(model.get_image_features(**proc(images=ims, return_tensors='pt')))
+        return feats(model.get_image_features(pixel_values=proc(images=ims, return_tensors='pt')['pixel_values']
+                                              .to(DEVICE)))
 
     @torch.inference_mode()
     def texts(txs: list) -> torch.Tensor:
-        enc = tok(txs, padding=True, truncation=True, max_length=52, return_tensors='pt')
+        enc = tok(txs, padding=True, truncation=True, max_length=52, return_tensors='pt').to(DEVICE)
         return feats(model.get_text_features(input_ids=enc['input_ids'], attention_mask=enc['attention_mask']))
 
     return System('transformers ChineseCLIPModel fp32', images, texts, lambda i, t: (images(i), texts(t)))
@@ -225,8 +234,12 @@ def section_throughput(args: argparse.Namespace, work: Path, report: list[str]) 
 
     systems: list[System] = []
     notes: list[str] = []
-    for label, make in [('builtin', lambda: builtin_peer(hub)), ('official', lambda: official_peer(hub, sd)),
-                        ('transformers', lambda: hf_peer(hf))]:
+    peers = [('builtin', lambda: builtin_peer(hub)), ('official', lambda: official_peer(hub, sd)),
+             ('transformers', lambda: hf_peer(hf))]
+    if DEVICE.type != 'cpu':  # the official and built-in peers are measured on the CPU only
+        notes.append('- builtin, official: CPU-only in this benchmark (run without --device for them)')
+        peers = peers[2:]
+    for label, make in peers:
         try:
             systems.append(make())
         except Exception as e:
@@ -234,6 +247,8 @@ def section_throughput(args: argparse.Namespace, work: Path, report: list[str]) 
     exact = ours(plugin, 'fp32', args.batch)
     fast = ours(plugin, 'bf16', args.batch)
     systems += [exact, fast]
+    if DEVICE.type == 'cuda':
+        systems.append(ours(plugin, 'fp16', args.batch))
 
     rows = []
     for s in systems:
@@ -252,12 +267,13 @@ def section_throughput(args: argparse.Namespace, work: Path, report: list[str]) 
     report.append(f'fp32 matmul ceiling: **{fp32_ceiling:.0f} GFLOP/s** = {fp32_ceiling / gflop:.2f} images/s at '
                   f'{gflop:.1f} GFLOP/image; bf16 matmul ceiling: **{bf16_ceiling:.0f} GFLOP/s** '
                   f'= {bf16_ceiling / gflop:.2f} images/s.\n')
-    report.append('| system | images/s | x built-in | x fp32 ceiling | texts/s | x built-in |')
-    report.append('|---|---|---|---|---|---|')
+    report.append('| system | images/s | x built-in | x fp32 ceiling | x bf16 ceiling | texts/s | x built-in |')
+    report.append('|---|---|---|---|---|---|---|')
     for name, img_s, txt_s in rows:
         bi = f'{img_s / base[1]:.2f}' if base else 'n/a'
         bt = f'{txt_s / base[2]:.2f}' if base else 'n/a'
-        report.append(f'| {name} | {img_s:.2f} | {bi} | {img_s * gflop / fp32_ceiling:.2f} | {txt_s:.1f} | {bt} |')
+        report.append(f'| {name} | {img_s:.2f} | {bi} | {img_s * gflop / fp32_ceiling:.2f} | '
+                      f'{img_s * gflop / bf16_ceiling:.2f} | {txt_s:.1f} | {bt} |')
     if notes:
         report.append('\nPeers not measured:\n' + '\n'.join(notes))
 
@@ -289,10 +305,10 @@ def section_input_pipeline(args: argparse.Namespace, exact: System, fast: System
     report.append(f'## Input pipeline: {len(paths)} JPEG photos of 4000x3000 (12 MP) from disk, batch {args.batch}\n')
     report.append('| mode | model only, images/s | end to end, images/s | share of model-only |')
     report.append('|---|---|---|---|')
-    m32 = load(work / 'plugin', precision='fp32')
-    m16 = load(work / 'plugin', precision='bf16')
-    mfast = load(work / 'plugin', precision='bf16', fast_decode=True)
-    m32fast = load(work / 'plugin', precision='fp32', fast_decode=True)
+    m32 = load(work / 'plugin', device=DEVICE, precision='fp32')
+    m16 = load(work / 'plugin', device=DEVICE, precision='bf16')
+    mfast = load(work / 'plugin', device=DEVICE, precision='bf16', fast_decode=True)
+    m32fast = load(work / 'plugin', device=DEVICE, precision='fp32', fast_decode=True)
     pixels = m32.transform.batch(paths[:args.batch])
     n = len(paths)
     for label, model, e2e_model, threads in [
@@ -304,6 +320,7 @@ def section_input_pipeline(args: argparse.Namespace, exact: System, fast: System
         model_only = args.batch / timed(lambda model=model: model.encode_image(pixels, batch_size=args.batch), 2)
         t = time.perf_counter()
         encode_images(e2e_model.model, e2e_model.transform, paths, batch_size=args.batch, num_threads=threads)
+        _sync()
         e2e = n / (time.perf_counter() - t)
         report.append(f'| {label} | {model_only:.2f} | {e2e:.2f} | {e2e / model_only:.0%} |')
     exact_emb = m32.encode_image(paths)
@@ -358,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--arch', default='ViT-B-16')
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--device', default='cpu', help='cpu or cuda (then e.g. --batch 256; CPU-only peers skipped)')
     p.add_argument('--reps', type=int, default=3)
     p.add_argument('--retrieval', type=int, default=64, help='images/texts for the fast-mode agreement check')
     p.add_argument('--photos', type=int, default=64, help='12 MP JPEGs for the input-pipeline section')
@@ -367,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 ceiling and exact mode stay true fp32
     cpu = next((line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
                 if line.startswith('model name')), platform.processor()) if Path('/proc/cpuinfo').exists() else ''
     report = ['# Embedding benchmark\n',
