@@ -170,7 +170,11 @@ def read_source(source: str | os.PathLike, config: CLIPConfig | str | os.PathLik
     if _looks_like_hub_id(str(source)):
         from modelscope.hub.snapshot_download import snapshot_download
         logger.info('downloading %s from the ModelScope hub', source)
-        local = snapshot_download(str(source), revision=revision) if revision else snapshot_download(str(source))
+        try:
+            local = snapshot_download(str(source), revision=revision) if revision else snapshot_download(str(source))
+        except Exception as e:  # the hub client raises its own types; keep the cause, name the input
+            raise OSError(f'{str(source)!r} is not a local path, and downloading it as a ModelScope hub id failed: '
+                          f'{e}') from e
         return replace(_read_dir(Path(local), cfg), source=str(source))
     raise FileNotFoundError(f'model source {str(source)!r} not found: give a model dir, a weights file '
                             f'(.pt/.bin/.safetensors) or a ModelScope hub id like '

@@ -177,3 +177,14 @@ def test_builtin_trainer_output_dir_without_model_configs(tmp_path, vit_sd):
     assert_same(ckpt.state_dict, vit_sd)
     out = convert(d, tmp_path / 'plugin', config=TINY_VIT)
     assert_same(read_source(out).state_dict, vit_sd)
+
+
+def test_hub_id_download_failure_names_the_input(monkeypatch):
+    import modelscope.hub.snapshot_download as hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError('Name or service not known')
+    monkeypatch.setattr(hub, 'snapshot_download', offline)
+    with pytest.raises(OSError, match=r"'someone/model' is not a local path, and downloading it as a ModelScope hub id "
+                                      r"failed: Name or service not known"):
+        read_source('someone/model')
