@@ -180,7 +180,8 @@ def test_builtin_trainer_output_dir_without_model_configs(tmp_path, vit_sd):
 
 
 def test_hub_id_download_failure_names_the_input(monkeypatch):
-    import modelscope.hub.snapshot_download as hub
+    import importlib
+    hub = importlib.import_module('modelscope.hub.snapshot_download')  # the module (its package re-exports a function)
 
     def offline(*args, **kwargs):
         raise ConnectionError('Name or service not known')
