@@ -126,3 +126,12 @@ def test_fp16_rounding_is_not_applied_on_cpu(golden, model):
     feats = model.model.encode_image(model.transform.batch(golden.images))
     assert max_abs(feats, golden.arrays['image_features_fp16_load']) > 10 * TOL
     assert all(p.dtype == torch.float32 for p in model.model.parameters())
+
+
+def test_packaged_vocab_is_the_reference_vocab():
+    # The golden dirs hold cn_clip's own vocab.txt (21128 lines); the package ships the same file.
+    from modelscope_cnclip.tokenizer import DEFAULT_VOCAB
+    for name in MODELS:
+        assert (GOLDEN / name / 'vocab.txt').read_bytes() == DEFAULT_VOCAB.read_bytes()
+    assert hashlib.sha256(DEFAULT_VOCAB.read_bytes()).hexdigest() == \
+        '45bbac6b341c319adc98a532532882e91a9cefc0329aa57bac9ae761c27b291c'
