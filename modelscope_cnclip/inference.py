@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,20 @@ def build_model(ckpt: Checkpoint) -> CLIP:
     load_strict(model, ckpt.state_dict, f'{ckpt.name} (from {ckpt.layout} layout {ckpt.source})', assign=True)
     model.init_buffers()
     return model.float().eval()
+
+
+def as_image_batch(images: Any) -> list | torch.Tensor:
+    """One image input, a list of them, or pixels: as a list of inputs or an ``(N, 3, R, R)`` tensor."""
+    if isinstance(images, torch.Tensor):
+        return images.unsqueeze(0) if images.dim() == 3 else images
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def as_text_batch(texts: Any) -> Any:
+    """A str, a list of str, or token ids; ``(L,)`` ids become ``(1, L)``."""
+    if isinstance(texts, torch.Tensor) and texts.dim() == 1:
+        return texts.unsqueeze(0)
+    return texts
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -175,17 +189,11 @@ class CNClip:
                      batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
         """L2-normalised image embeddings ``(N, D)`` of one image input, a list of them, or pixels
         (``(3, R, R)`` or ``(N, 3, R, R)``)."""
-        if isinstance(images, torch.Tensor):
-            images = images.unsqueeze(0) if images.dim() == 3 else images
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
-        return encode_images(self.model, self.transform, images, batch_size)
+        return encode_images(self.model, self.transform, as_image_batch(images), batch_size)
 
     def encode_text(self, texts: str | Sequence[str] | torch.Tensor, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
         """L2-normalised text embeddings ``(N, D)`` of a str, a list of str, or token ids (``(L,)`` or ``(N, L)``)."""
-        if isinstance(texts, torch.Tensor) and texts.dim() == 1:
-            texts = texts.unsqueeze(0)
-        return encode_texts(self.model, self.tokenizer, texts, batch_size)
+        return encode_texts(self.model, self.tokenizer, as_text_batch(texts), batch_size)
 
     def similarity(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str]) -> torch.Tensor:
         """Softmax over texts of ``(img / temperature) @ text.T``: ``(N_images, N_texts)`` probabilities."""

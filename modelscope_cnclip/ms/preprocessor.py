@@ -10,6 +10,7 @@ from modelscope.preprocessors.builder import PREPROCESSORS
 from modelscope.utils.constant import Fields, ModeKeys
 
 from ..config import PreprocessConfig
+from ..inference import as_image_batch, as_text_batch
 from ..sources import read_config
 from ..tokenizer import Tokenizer
 from ..transform import ImageTransform
@@ -43,15 +44,13 @@ class CNClipPreprocessor(Preprocessor):
         for key in ('pixel_values', 'input_ids', 'attention_mask'):
             if data.get(key) is not None:
                 out[key] = data[key]
-        img, text = data.get('img'), data.get('text')
-        if img is not None and 'pixel_values' not in out:
-            if isinstance(img, torch.Tensor):
-                out['pixel_values'] = img.unsqueeze(0) if img.dim() == 3 else img
-            else:
-                out['pixel_values'] = self.transform.batch(img if isinstance(img, (list, tuple)) else [img])
-        if text is not None and 'input_ids' not in out:
+        if data.get('img') is not None and 'pixel_values' not in out:
+            img = as_image_batch(data['img'])
+            out['pixel_values'] = img if isinstance(img, torch.Tensor) else self.transform.batch(img)
+        if data.get('text') is not None and 'input_ids' not in out:
+            text = as_text_batch(data['text'])
             if isinstance(text, torch.Tensor):
-                out['input_ids'] = text.unsqueeze(0) if text.dim() == 1 else text
+                out['input_ids'] = text
             else:
                 out.update(self.tokenizer(text))
         return out
