@@ -357,3 +357,23 @@ def test_ddp_on_two_gpus_with_torchrun(setup, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((root / f'rank{r}.json').read_text()) for r in (0, 1)]
     assert ranks[0]['digest'] == ranks[1]['digest'] and ranks[0]['world'] == 2
+
+
+def test_trainer_evaluation_scores_a_text_against_all_its_images(setup, tmp_path):
+    # One caption for two images: the official scoring counts either image as correct for that text.
+    from modelscope_cnclip.data import TextRecord, write_official_split
+    imgs = {i: Image.new('RGB', (64, 64), (i * 30, 60, 90)) for i in range(1, 5)}
+    write_official_split(tmp_path / 'd', 'valid', imgs, [TextRecord(1, '两张图', (1, 2)), TextRecord(2, '第三张', (3,)),
+                                                         TextRecord(3, '第四张', (4,))])
+    trainer = build_trainer('cnclip-trainer', dict(model=str(setup / 'model'), work_dir=str(tmp_path / 'w'),
+                                                   eval_dataset=str(tmp_path / 'd'), cfg_overrides=overrides(1)))
+    metrics = trainer.evaluate()
+    model = trainer.model
+    pixels = torch.stack([model.transform(imgs[i]) for i in (1, 2, 3, 4)])
+    with torch.no_grad():
+        img = F.normalize(model.clip.encode_image(pixels), dim=-1)
+        txt = F.normalize(model.clip.encode_text(model.tokenizer(['两张图', '第三张', '第四张'])['input_ids']), dim=-1)
+    from modelscope_cnclip.evaluation import retrieval_metrics
+    want = retrieval_metrics(img, [1, 2, 3, 4], txt, [[1, 2], [3], [4]])
+    assert metrics['t2i_recall_at_1'] == pytest.approx(want['t2i']['r1'], abs=1e-3)
+    assert metrics['i2t_recall_at_1'] == pytest.approx(want['i2t']['r1'], abs=1e-3)

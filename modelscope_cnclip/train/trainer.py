@@ -341,13 +341,18 @@ class CNClipTrainer(EpochBasedTrainer):
             texts.append(txt.cpu())
             inbatch.append((len(img), inbatch_recall(img, txt)))
         image_emb, text_emb = torch.cat(images), torch.cat(texts)
-        pairs = self.eval_pairs.pairs
-        # One row per distinct image id; each text's correct images are all rows with its image id.
-        first_row: dict = {}
-        for row, (_, _, image_id) in enumerate(pairs):
-            first_row.setdefault(image_id, row)
-        ids = list(first_row)
-        scores = retrieval_metrics(image_emb[[first_row[i] for i in ids]], ids, text_emb, [[p[2]] for p in pairs])
+        # Official scoring over distinct images and distinct texts: a text's correct images are all the images
+        # it is paired with (a text with several images appears in several pairs).
+        image_row: dict = {}
+        text_row: dict = {}
+        text_images: dict = {}
+        for row, (_, text, image_id) in enumerate(self.eval_pairs.pairs):
+            image_row.setdefault(image_id, row)
+            text_row.setdefault(text, row)
+            text_images.setdefault(text, []).append(image_id)
+        ids, texts_ = list(image_row), list(text_row)
+        scores = retrieval_metrics(image_emb[[image_row[i] for i in ids]], ids, text_emb[[text_row[t] for t in texts_]],
+                                   [text_images[t] for t in texts_])
         total = sum(n for n, _ in inbatch)
         metrics = {f'{d}_recall_at_{k[1:]}' if k != 'mr' else f'{d}_mean_recall': v
                    for d, vals in scores.items() for k, v in vals.items()}
