@@ -21,6 +21,18 @@ RAW_KEYS = ('img', 'text')
 TENSOR_KEYS = ('pixel_values', 'input_ids', 'attention_mask')
 
 
+def plugin_configuration(config: Any = None) -> dict[str, Any]:
+    """The ``configuration.json`` of a plugin model dir: ``config`` (dict or ModelScope ``Config``; default the
+    repo's) with this plugin's model, pipeline and preprocessor types, whatever ``config`` said (ModelScope's
+    trainer rewrites the pipeline type to the task name)."""
+    conf = config.to_dict() if hasattr(config, 'to_dict') else dict(config or default_configuration())
+    conf['model'] = {**conf.get('model', {}), 'type': MODEL_TYPE}
+    conf['pipeline'] = {'type': PIPELINE_TYPE}
+    conf['preprocessor'] = {'type': PREPROCESSOR_TYPE}
+    conf.pop('pretrained_model', None)
+    return conf
+
+
 def check_input_keys(inputs: Any) -> None:
     if not isinstance(inputs, dict):
         raise TypeError(f'input must be a dict like {{"img": ..., "text": ...}}, got {type(inputs).__name__}')
@@ -97,12 +109,5 @@ class CNClipForMultiModalEmbedding(TorchModel):
         the weights are always written here (never a separate, possibly stale, weights file)."""
         if to not in LAYOUTS:
             raise ValueError(f'to={to!r}: choose one of {list(LAYOUTS)}')
-        conf = None
-        if to == 'plugin':
-            conf = config.to_dict() if hasattr(config, 'to_dict') else dict(config or default_configuration())
-            # A plugin dir always names this plugin's classes (ModelScope's trainer rewrites the pipeline type).
-            conf['model'] = {**conf.get('model', {}), 'type': MODEL_TYPE}
-            conf['pipeline'] = {'type': PIPELINE_TYPE}
-            conf['preprocessor'] = {'type': PREPROCESSOR_TYPE}
-            conf.pop('pretrained_model', None)
+        conf = plugin_configuration(config) if to == 'plugin' else None
         write_dir(self.to_checkpoint(), target_folder, to, overwrite, conf)

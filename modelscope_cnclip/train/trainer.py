@@ -23,7 +23,7 @@ from modelscope.trainers.hooks.hook import Hook
 from modelscope.utils.config import Config
 
 from ..evaluation import inbatch_recall, retrieval_metrics
-from ..ms.model import CNClipForMultiModalEmbedding
+from ..ms.model import CNClipForMultiModalEmbedding, plugin_configuration
 from ..sources import default_configuration, write_dir
 from .dataset import EpochShuffleSampler, PairDataset, collate_pairs, read_pairs
 from .loss import contrastive_loss
@@ -279,10 +279,7 @@ class CNClipTrainer(EpochBasedTrainer):
         state = state.get('state_dict', state)
         ckpt = model.to_checkpoint()
         ckpt.state_dict = {k[len('clip.'):]: v for k, v in state.items() if k.startswith('clip.')}
-        conf = self.cfg.to_dict()
-        write_dir(ckpt, best_dir, 'plugin', overwrite=True, configuration={
-            **conf, 'model': {'type': 'cnclip'}, 'pipeline': {'type': 'cnclip-multi-modal-embedding'},
-            'preprocessor': {'type': 'cnclip-preprocessor'}})
+        write_dir(ckpt, best_dir, 'plugin', overwrite=True, configuration=plugin_configuration(self.cfg))
         logger.info('best checkpoint (%s) written to %s', Path(prefix).name, best_dir)
 
     @staticmethod
