@@ -28,7 +28,8 @@ import modelscope_cnclip
 from modelscope.models.builder import MODELS
 from modelscope.pipelines.builder import PIPELINES
 from modelscope.preprocessors.builder import PREPROCESSORS
-heavy = ('timm', 'torchvision', 'cv2', 'librosa', 'fairseq', 'modelscope.models.multi_modal.',
+heavy = ('timm', 'torchvision', 'cv2', 'librosa', 'fairseq', 'decord', 'modelscope.models.multi_modal.',
+         'modelscope.trainers.multi_modal.', 'modelscope.preprocessors.multi_modal',
          'modelscope.pipelines.multi_modal.')  # the subpackages themselves are lazy placeholders
 print(json.dumps({
     'heavy': [m for m in sys.modules if m.startswith(heavy)],
