@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -138,8 +139,11 @@ class CNClip:
     """
 
     def __init__(self, model: CLIP, tokenizer: Tokenizer, transform: ImageTransform, checkpoint_info: str = '',
-                 device: str | torch.device | None = 'cpu', precision: str = 'fp32') -> None:
+                 device: str | torch.device | None = 'cpu', precision: str = 'fp32', source: str = '') -> None:
         target = resolve_device(device)
+        self.fingerprint = model.fingerprint()  # before any cast: the same at every precision
+        self.source = source  # what it was loaded from (path or hub id); indexes use it to reload the model
+        self.precision = precision
         dtype = resolve_dtype(precision, target)
         # Half-precision BatchNorm'd convolutions drift (cosine < 0.999) and gain little on CPUs: there a ResNet
         # image tower stays fp32 while the text tower runs in the requested precision.
@@ -164,9 +168,10 @@ class CNClip:
         emptied, so a cast to bf16/fp16 frees each fp32 tensor as it goes (peak memory ~ one model)."""
         model = build_model(ckpt)
         ckpt.state_dict = {}
+        source = str(Path(ckpt.source).resolve()) if ckpt.source and Path(ckpt.source).exists() else ckpt.source
         return cls(model, Tokenizer(ckpt.vocab_file, ckpt.config.context_length),
                    ImageTransform(ckpt.config.preprocess, fast_decode),
-                   f'{ckpt.name} from {ckpt.source} ({ckpt.layout})', device, precision)
+                   f'{ckpt.name} from {ckpt.source} ({ckpt.layout})', device, precision, source)
 
     @property
     def config(self) -> CLIPConfig:

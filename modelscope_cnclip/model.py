@@ -6,6 +6,8 @@ Nothing here decides devices or precision: callers move and cast the module.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import OrderedDict
 
@@ -295,6 +297,19 @@ class CLIP(nn.Module):
         img = F.normalize(self.encode_image(pixel_values, mask_ratio=mask_ratio), dim=-1)
         txt = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
         return img, txt, self.logit_scale.exp()
+
+    def fingerprint(self) -> str:
+        """A short hash that tells models apart: the config plus the projections, the logit scale and the first
+        token embeddings, rounded to bf16 (finetuning changes them). :class:`~modelscope_cnclip.CNClip` takes it
+        before any precision cast, so one checkpoint has one fingerprint at every precision. Embedding files and
+        indexes record it, to refuse mixing models."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        visual = self.visual
+        final = visual.proj if isinstance(visual, VisionTransformer) else visual.attnpool.c_proj.weight
+        words = self.bert.embeddings.word_embeddings.weight[:256]
+        for t in (self.text_projection, self.logit_scale, final, words):
+            h.update(t.detach().to('cpu', torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if isinstance(self.visual, VisionTransformer):
