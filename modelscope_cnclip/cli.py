@@ -59,6 +59,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .embed import embed_collection
+    columns = dict(_key_value(c, '--column') for c in args.column)
+    video = {'num_frames': args.num_frames, 'mode': args.frame_mode} if args.modality == 'video' else {}
+    report = embed_collection(
+        args.model, args.input, args.out, modality=args.modality, split=args.split, columns=columns, root=args.root,
+        batch_size=args.batch_size, shard_size=args.shard_size, num_threads=args.threads, overwrite=args.overwrite,
+        progress=False if args.no_progress else None, engine=args.engine, device=args.device,
+        precision=args.precision, fast_decode=args.fast_decode, ray_address=args.ray_address,
+        num_workers=args.workers, gpus_per_worker=args.gpus_per_worker, **video)
+    print(json.dumps(report.to_dict(), ensure_ascii=False))
+    return 0
+
+
+def _key_value(text: str, option: str) -> tuple[str, str]:
+    key, sep, value = text.partition('=')
+    if not sep or not key or not value:
+        raise ValueError(f'{option} {text!r}: expected ROLE=NAME, e.g. {option} image=pic_path')
+    return key, value
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from modelscope.trainers import build_trainer
 
@@ -125,6 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
     p.add_argument('--config', help=config_help)
 
+    p = add('embed', _cmd_embed, 'embed a collection into an embeddings dir (sharded, resumable, errors reported)')
+    p.add_argument('model', help='model dir (any layout), weights file or ModelScope hub id')
+    p.add_argument('input', help='image/video folder (recursive), s3://... folder, .jsonl/.csv/.tsv of paths, URLs '
+                                 'or texts, official-format dir or its LMDB form')
+    p.add_argument('--out', required=True, help='embeddings dir to write (rerun the same command to resume)')
+    p.add_argument('--modality', default='auto', choices=['auto', 'image', 'text', 'video'])
+    p.add_argument('--split', help='split of official/LMDB data (default valid)')
+    p.add_argument('--column', action='append', default=[], metavar='ROLE=NAME',
+                   help='jsonl/csv column for a role: id, image, video, text (repeatable)')
+    p.add_argument('--root', help='folder that relative paths in a jsonl/csv are relative to')
+    p.add_argument('--batch-size', type=int, help='default: 16 images / 64 texts on CPU, 256 / 512 on GPU')
+    p.add_argument('--shard-size', type=int, default=1024, help='inputs per output shard (default 1024)')
+    p.add_argument('--threads', type=int, default=0, help='image decode threads (default: one per CPU, max 8)')
+    p.add_argument('--overwrite', action='store_true', help='replace an embeddings dir of another job')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--device', default='cpu', help="cpu, gpu, cuda:1, ... (default cpu)")
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    p.add_argument('--fast-decode', action='store_true', help='reduced-size JPEG decoding (faster, slightly inexact)')
+    p.add_argument('--num-frames', type=int, default=8, help='video frames per video (default 8)')
+    p.add_argument('--frame-mode', default='uniform', choices=['uniform', 'fps'], help='video frame sampling')
+    p.add_argument('--engine', default='local', choices=['local', 'ray'], help='ray: spread shards over Ray')
+    p.add_argument('--ray-address', help="Ray cluster: 'auto' on a cluster node, or ray://HEAD:10001")
+    p.add_argument('--workers', type=int, help='Ray actors (default: one per GPU with --gpus-per-worker, else 1)')
+    p.add_argument('--gpus-per-worker', type=float, default=0.0, help='GPUs per Ray actor (0: CPU workers)')
+
     p = add('train', _cmd_train, 'finetune with the ModelScope trainer; work_dir/output is a plugin model dir')
     p.add_argument('model', help='model dir (any layout), weights file or ModelScope hub id')
     p.add_argument('--data', required=True, help='official-format dir (train split), dir with train.jsonl, or .jsonl')
@@ -153,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format='%(levelname)s %(name)s: %(message)s')
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError) as e:
+    except (ValueError, TypeError, ImportError, OSError) as e:
         if args.verbose:
             raise
         print(f'cnclip {args.command}: error: {e}', file=sys.stderr)

@@ -177,6 +177,13 @@ class LmdbSplit:
             n = int(txn.get(b'num_samples').decode())
             self.pairs_list = [_unpickle_pair(txn.get(str(i).encode()), f'{d}/pairs[{i}]') for i in range(n)]
 
+    @property
+    def image_ids(self) -> list:
+        """Every image id in the imgs database, in key order (the ``num_images`` count key left out)."""
+        with _lmdb_env(self._imgs_path).begin() as txn:
+            keys = [k.decode('utf-8') for k in txn.cursor().iternext(keys=True, values=False)]
+        return [_parse_id(k) for k in keys if k != 'num_images']
+
     def image_bytes(self, image_id: int | str) -> bytes:
         with _lmdb_env(self._imgs_path).begin() as txn:
             raw = txn.get(str(image_id).encode())

@@ -39,7 +39,10 @@ def _open_bytes(data: bytes, what: str, draft: int | None = None) -> Image.Image
             # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling), keeping both sides >= draft.
             img.draft(img.mode, (draft, draft))
         img.load()  # decode now, so a truncated file fails here and not deep in a batch
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise ValueError(f'cannot decode image {what}: not an image format that PIL reads '
+                         f'({len(data)} bytes starting {data[:8]!r})') from None
+    except (OSError, ValueError) as e:
         raise ValueError(f'cannot decode image {what}: {e}') from None
     return img
 

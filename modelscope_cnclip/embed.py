@@ -1,0 +1,324 @@
+"""Embedding jobs: a whole collection -> an embeddings dir (:mod:`modelscope_cnclip.embeddings`), resumable.
+
+    report = embed_collection('damo/multi-modal_clip-vit-base-patch16_zh', 'photos/', 'photos.emb')
+
+The job splits the collection into shards of ``shard_size`` inputs and writes each shard atomically, so an
+interrupted job rerun with the same arguments skips the shards on disk and finishes the rest. Images are decoded and
+resized in a thread pool ahead of the model. Inputs that cannot be read are listed in ``errors.jsonl`` with the
+reason (and in the report), never dropped silently. ``engine='ray'`` spreads the shards over a Ray cluster, with
+the same output.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .collection import Collection, Item, open_collection
+from .config import match_architecture
+from .embeddings import (ERRORS, META, SHARDS, atomic_write_bytes, existing_shards, ids_digest, iter_shards, read_meta,
+                         write_meta, write_shard)
+from .inference import CNClip, load
+
+__all__ = ['EmbedReport', 'embed_collection', 'embed_items', 'model_info', 'auto_batch_size']
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 1024
+ENGINES = ('local', 'ray')
+
+
+@dataclass
+class EmbedReport:
+    """What a job did: counts, where the output and the error list are, and how long it took."""
+
+    out: str
+    modality: str
+    total: int
+    embedded: int
+    failed: int
+    shards: int
+    shards_resumed: int
+    seconds: float
+    errors_file: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_info(model: CNClip) -> dict[str, Any]:
+    """The ``model`` entry of embeddings and index metadata: enough to reload the model and to recognise it."""
+    return {'source': model.source, 'fingerprint': model.fingerprint,
+            'arch': match_architecture(model.config) or 'custom', 'embed_dim': model.config.embed_dim,
+            'precision': model.precision}
+
+
+def auto_batch_size(model: CNClip, modality: str) -> int:
+    """A batch size that keeps the device busy without exhausting memory: on GPUs a starting point that
+    :func:`embed_items` halves on out-of-memory; on CPUs a size past which throughput no longer grows."""
+    if model.device.type == 'cuda':
+        return 512 if modality == 'text' else 256
+    return 64 if modality == 'text' else 16
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or 'out of memory' in str(e)
+
+
+def _with_backoff(fn: Callable[[Any, int], torch.Tensor], batch: Any, batch_size: list[int]) -> torch.Tensor:
+    """``fn(batch, size)``, halving ``batch_size[0]`` (shared across calls) on CUDA out-of-memory errors."""
+    while True:
+        try:
+            return fn(batch, batch_size[0])
+        except RuntimeError as e:
+            if not _is_oom(e) or batch_size[0] <= 1:
+                raise
+            torch.cuda.empty_cache()
+            batch_size[0] //= 2
+            logger.warning('CUDA out of memory: batch size lowered to %d', batch_size[0])
+
+
+def _failure(item: Item, error: BaseException | str) -> dict[str, str]:
+    reason = error if isinstance(error, str) else f'{type(error).__name__}: {error}'
+    return {'id': item.id, 'source': item.source, 'error': reason}
+
+
+def _decoded(model: CNClip, coll: Collection, items: Sequence[Item], pool: ThreadPoolExecutor | None,
+             ahead: int) -> Any:
+    """Yield ``(item, uint8 array | exception)`` in order, decoding up to ``ahead`` items ahead in ``pool``."""
+    def load(item: Item) -> Any:
+        try:
+            return model.transform.load(coll.read(item))
+        except Exception as e:  # any decoder failure is a per-input error, reported with its id
+            return e
+    if pool is None:
+        for item in items:
+            yield item, load(item)
+        return
+    pending: deque[tuple[Item, Future]] = deque()
+    it = iter(items)
+    for item in it:
+        pending.append((item, pool.submit(load, item)))
+        if len(pending) >= ahead:
+            break
+    while pending:
+        item, fut = pending.popleft()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append((nxt, pool.submit(load, nxt)))
+        yield item, fut.result()
+
+
+def embed_items(model: CNClip, coll: Collection, items: Sequence[Item], batch_size: int | list[int],
+                pool: ThreadPoolExecutor | None = None, progress: Callable[[int], None] | None = None,
+                **video_options: Any) -> tuple[list[Item], np.ndarray, list[dict[str, str]]]:
+    """Embed ``items`` of ``coll`` -> ``(embedded items, (n, D) float32 vectors, failures)``.
+
+    ``batch_size`` may be a one-element list, shared between calls, that CUDA out-of-memory errors halve.
+    """
+    size = batch_size if isinstance(batch_size, list) else [batch_size]
+    step = progress or (lambda n: None)
+    done: list[Item] = []
+    failed: list[dict[str, str]] = []
+    outs: list[torch.Tensor] = []
+    if coll.modality == 'text':
+        texts = [coll.read(i) for i in items]
+        outs.append(_with_backoff(lambda b, s: model.encode_text(b, batch_size=s).cpu(), texts, size))
+        done = list(items)
+        step(len(items))
+    elif coll.modality == 'video':
+        from .video import encode_videos
+        vectors, errors = encode_videos(model, [coll.read(i) for i in items], batch_size=size[0], skip_errors=True,
+                                        **video_options)
+        bad = {index: reason for index, _, reason in errors}
+        done = [i for n, i in enumerate(items) if n not in bad]
+        failed = [_failure(items[n], reason) for n, reason in sorted(bad.items())]
+        outs.append(vectors.cpu())
+        step(len(items))
+    else:
+        arrays: list[np.ndarray] = []
+        batch_items: list[Item] = []
+
+        def flush() -> None:
+            pixels = model.transform.normalize(torch.from_numpy(np.stack(arrays)))
+            outs.append(_with_backoff(lambda b, s: model.encode_image(b, batch_size=s).cpu(), pixels, size))
+            done.extend(batch_items)
+            step(len(batch_items))
+            arrays.clear()
+            batch_items.clear()
+
+        for item, result in _decoded(model, coll, items, pool, ahead=3 * size[0]):
+            if isinstance(result, BaseException):
+                failed.append(_failure(item, result))
+                logger.warning('cannot read %s (%s): %s', item.id, item.source, failed[-1]['error'])
+                step(1)
+                continue
+            arrays.append(result)
+            batch_items.append(item)
+            if len(arrays) >= size[0]:
+                flush()
+        if arrays:
+            flush()
+    dim = model.config.embed_dim
+    vectors = torch.cat(outs).float().numpy() if outs else np.zeros((0, dim), np.float32)
+    return done, vectors.reshape(-1, dim), failed
+
+
+# --- the job ------------------------------------------------------------------------------------------------------
+
+def _prepare_out(out: Path, meta: dict[str, Any], overwrite: bool) -> list[int]:
+    """Create or check ``out``; returns the shards already written by an earlier run of the same job."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f'--out {out}: a file is in the way; choose a folder path')
+    if (out / META).is_file():
+        old = read_meta(out)
+        if overwrite:
+            shutil.rmtree(out / SHARDS, ignore_errors=True)
+            (out / ERRORS).unlink(missing_ok=True)
+            (out / META).unlink()
+        else:
+            _check_same_job(out, old, meta)
+            return existing_shards(out)
+    elif out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f'--out {out}: the folder is not empty and is not an embeddings dir; '
+                              f'choose a new or empty folder')
+    out.mkdir(parents=True, exist_ok=True)
+    return []
+
+
+def _check_same_job(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    checks = [('inputs', old.get('input', {}).get('digest'), new['input']['digest']),
+              ('model', old.get('model', {}).get('fingerprint'), new['model']['fingerprint']),
+              ('precision', old.get('model', {}).get('precision'), new['model']['precision']),
+              ('modality', old.get('modality'), new['modality']),
+              ('shard size', old.get('shard_size'), new['shard_size'])]
+    for what, a, b in checks:
+        if a != b:
+            raise ValueError(f'{out} holds embeddings of another job (its {what} differs: {a!r} there, {b!r} now); '
+                             f'rerun with the same arguments to resume it, pass overwrite=True (CLI: --overwrite) '
+                             f'to replace it, or choose another output folder')
+
+
+def _finish(out: Path, meta: dict[str, Any]) -> tuple[int, int]:
+    """Write ``errors.jsonl`` and the final meta from the shards on disk; returns (embedded, failed)."""
+    embedded, failures = 0, []
+    for _, (ids, _sources, _vectors, failed) in iter_shards(out):
+        embedded += len(ids)
+        failures += failed
+    lines = ''.join(json.dumps(f, ensure_ascii=False) + '\n' for f in failures)
+    atomic_write_bytes(out / ERRORS, lines.encode('utf-8'))
+    write_meta(out, {**meta, 'complete': True, 'embedded': embedded, 'failed': len(failures)})
+    return embedded, len(failures)
+
+
+def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLike | Collection,
+                     out: str | os.PathLike, modality: str = 'auto', split: str | None = None,
+                     columns: Mapping[str, str] | None = None, root: str | os.PathLike | None = None,
+                     batch_size: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, num_threads: int = 0,
+                     overwrite: bool = False, progress: bool | None = None, engine: str = 'local',
+                     device: str = 'cpu', precision: str = 'fp32', fast_decode: bool = False,
+                     ray_address: str | None = None, num_workers: int | None = None, gpus_per_worker: float = 0.0,
+                     **video_options: Any) -> EmbedReport:
+    """Embed a whole collection into the embeddings dir ``out``, resuming an interrupted run of the same job.
+
+    Args:
+        model: a loaded :class:`CNClip` or anything :func:`modelscope_cnclip.load` takes (loaded with ``device``,
+            ``precision``, ``fast_decode``).
+        source: anything :func:`~modelscope_cnclip.collection.open_collection` opens (with ``modality``,
+            ``split``, ``columns``, ``root``), or an opened :class:`Collection`.
+        batch_size: inputs per forward pass (default: :func:`auto_batch_size`).
+        shard_size: inputs per output shard (the unit of resumption and of Ray tasks).
+        num_threads: image decode threads (0: one per CPU, at most 8).
+        overwrite: replace an existing embeddings dir of another job instead of refusing.
+        progress: show a progress bar (default: when stderr is a terminal).
+        engine: ``'local'`` or ``'ray'`` (Ray Data over ``ray_address``, ``num_workers`` actors with
+            ``gpus_per_worker`` GPUs each; every worker must see ``out`` and the inputs, e.g. a shared filesystem).
+        video_options: ``num_frames``, ``mode``, ... for video collections (see :mod:`modelscope_cnclip.video`).
+    Returns:
+        An :class:`EmbedReport`; failed inputs are in ``out/errors.jsonl``.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f'engine={engine!r}: choose one of {ENGINES}')
+    if shard_size < 1:
+        raise ValueError(f'shard_size={shard_size}: must be >= 1')
+    started = time.perf_counter()
+    coll = source if isinstance(source, Collection) else open_collection(source, modality, split, columns, root)
+    if not isinstance(model, CNClip):
+        model = load(model, device=device, precision=precision, fast_decode=fast_decode)
+    out = Path(out)
+    num_shards = -(-len(coll) // shard_size)
+    meta = {'model': model_info(model), 'modality': coll.modality,
+            'input': {**coll.describe(), 'digest': ids_digest([i.id for i in coll.items])},
+            'shard_size': shard_size, 'num_shards': num_shards, 'dtype': 'float32', 'normalized': True,
+            'complete': False}
+    resumed = [k for k in _prepare_out(out, meta, overwrite) if k < num_shards]
+    write_meta(out, meta)
+    todo = [k for k in range(num_shards) if k not in set(resumed)]
+    if resumed:
+        logger.info('%s: %d of %d shards already written; embedding the other %d', out, len(resumed), num_shards,
+                    len(todo))
+    size = batch_size or auto_batch_size(model, coll.modality)
+    if todo and engine == 'ray':
+        from .scale import run_ray
+        run_ray(model, coll, out, todo, shard_size, size, num_threads, ray_address, num_workers, gpus_per_worker,
+                video_options)
+    elif todo:
+        _run_local(model, coll, out, todo, shard_size, size, num_threads, progress, video_options)
+    embedded, failed = _finish(out, meta)
+    report = EmbedReport(str(out), coll.modality, len(coll), embedded, failed, num_shards, len(resumed),
+                         round(time.perf_counter() - started, 3), str(out / ERRORS))
+    if failed:
+        logger.warning('%d of %d inputs could not be embedded; see %s', failed, len(coll), out / ERRORS)
+    return report
+
+
+def shard_items(coll: Collection, k: int, shard_size: int) -> list[Item]:
+    return coll.items[k * shard_size:(k + 1) * shard_size]
+
+
+def embed_shard(model: CNClip, coll: Collection, out: Path, k: int, shard_size: int, batch_size: list[int],
+                pool: ThreadPoolExecutor | None, progress: Callable[[int], None] | None = None,
+                video_options: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    """Embed shard ``k`` and write it; returns (embedded, failed)."""
+    done, vectors, failed = embed_items(model, coll, shard_items(coll, k, shard_size), batch_size, pool, progress,
+                                        **(video_options or {}))
+    write_shard(out, k, [i.id for i in done], [i.source for i in done], vectors, failed)
+    return len(done), len(failed)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with ModelScope; without it, log per shard
+        return None
+    disable = not (enabled if enabled is not None else os.isatty(2))
+    return tqdm(total=total, initial=initial, unit='input', desc='embedding', disable=disable)
+
+
+def _run_local(model: CNClip, coll: Collection, out: Path, todo: list[int], shard_size: int, batch_size: int,
+               num_threads: int, progress: bool | None, video_options: Mapping[str, Any]) -> None:
+    threads = num_threads or min(8, os.cpu_count() or 1)
+    remaining = sum(len(shard_items(coll, k, shard_size)) for k in todo)
+    bar = _progress_bar(len(coll), len(coll) - remaining, progress)
+    size = [batch_size]
+    pool = ThreadPoolExecutor(threads, thread_name_prefix='cnclip-embed') if threads > 1 else None
+    try:
+        for k in todo:
+            n, bad = embed_shard(model, coll, out, k, shard_size, size, pool, bar.update if bar else None,
+                                 video_options)
+            logger.debug('%s: shard %d written (%d embedded, %d failed)', out, k, n, bad)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()

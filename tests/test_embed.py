@@ -1,0 +1,216 @@
+"""Embedding jobs: every input form, the shard format, resumption, error reports, and the Ray engine."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import modelscope_cnclip.embed as embed_mod
+from modelscope_cnclip import load
+from modelscope_cnclip.cli import main
+from modelscope_cnclip.collection import open_collection
+from modelscope_cnclip.data import make_synthetic_split, write_lmdb_split
+from modelscope_cnclip.embed import embed_collection
+from modelscope_cnclip.embeddings import existing_shards, load_embeddings, read_shard, shard_path
+
+
+def _photo(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    rs = np.random.RandomState(seed)
+    return Image.fromarray(rs.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope='module')
+def model(plugin_vit_dir: Path):
+    return load(plugin_vit_dir)
+
+
+@pytest.fixture()
+def photo_dir(tmp_path: Path) -> Path:
+    d = tmp_path / 'photos'
+    for n, rel in enumerate(['a.jpg', 'b.png', 'sub/c.JPG', 'sub/deeper/d.webp', 'e.bmp', 'sub/f.jpeg', 'g.gif']):
+        p = d / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _photo(n).save(p)
+    (d / 'notes.txt').write_text('not an image')
+    (d / '.hidden.jpg').write_bytes(b'ignored')
+    (d / 'broken.jpg').write_bytes(b'\xff\xd8\xff not really a jpeg')
+    return d
+
+
+def test_folder_collection_ids_are_sorted_relative_paths(photo_dir: Path) -> None:
+    coll = open_collection(photo_dir)
+    assert coll.modality == 'image' and coll.kind == 'folder' and coll.root == str(photo_dir.resolve())
+    assert [i.id for i in coll.items] == ['a.jpg', 'b.png', 'broken.jpg', 'e.bmp', 'g.gif', 'sub/c.JPG',
+                                          'sub/deeper/d.webp', 'sub/f.jpeg']
+
+
+def test_table_collections(tmp_path: Path, photo_dir: Path) -> None:
+    jl = tmp_path / 'items.jsonl'
+    jl.write_text('\n'.join(json.dumps(r, ensure_ascii=False) for r in [
+        {'id': 'x1', 'image': str(photo_dir / 'a.jpg'), 'text': '一只猫'},
+        {'id': 'x2', 'image': 'photos/b.png', 'text': '两只狗'}]) + '\n', encoding='utf-8')
+    coll = open_collection(jl)
+    assert coll.modality == 'image' and [i.id for i in coll.items] == ['x1', 'x2']
+    assert coll.items[1].source == str(tmp_path / 'photos' / 'b.png')  # relative to the file's folder
+    texts = open_collection(jl, modality='text')
+    assert [i.source for i in texts.items] == ['一只猫', '两只狗']
+    csv = tmp_path / 'items.csv'
+    csv.write_text('pic,caption\nphotos/a.jpg,海边\nphotos/b.png,日落\n', encoding='utf-8')
+    coll = open_collection(csv, columns={'image': 'pic'})
+    assert [i.id for i in coll.items] == ['2', '3']  # line numbers when there is no id column
+    assert open_collection(csv, modality='text').items[0].source == '海边'
+    with pytest.raises(ValueError, match='no image, video or text column'):
+        bad = tmp_path / 'bad.jsonl'
+        bad.write_text('{"foo": 1}\n')
+        open_collection(bad)
+    dup = tmp_path / 'dup.jsonl'
+    dup.write_text('{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n')
+    with pytest.raises(ValueError, match='duplicate ids'):
+        open_collection(dup)
+    with pytest.raises(FileNotFoundError, match='not found'):
+        open_collection(tmp_path / 'missing')
+    with pytest.raises(ValueError, match='texts come from'):
+        open_collection(photo_dir, modality='text')
+
+
+def test_embed_folder_matches_encode_image_and_reports_failures(model, photo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / 'photos.emb'
+    report = embed_collection(model, photo_dir, out, shard_size=3, batch_size=2)
+    assert (report.total, report.embedded, report.failed, report.shards) == (8, 7, 1, 3)
+    emb = load_embeddings(out)
+    assert 'broken.jpg' not in emb.ids and len(emb) == 7
+    assert emb.failed[0]['id'] == 'broken.jpg' and emb.failed[0]['error']
+    errors = [json.loads(line) for line in (out / 'errors.jsonl').read_text().splitlines()]
+    assert [e['id'] for e in errors] == ['broken.jpg']
+    expected = model.encode_image([str(photo_dir / i) for i in emb.ids]).numpy()
+    np.testing.assert_allclose(emb.vectors, expected, atol=1e-5)
+    assert emb.meta['model']['fingerprint'] == model.fingerprint
+    assert emb.meta['input']['root'] == str(photo_dir.resolve())
+    assert emb.sources[0] == str(photo_dir / 'a.jpg')
+
+
+def test_resume_skips_written_shards_and_gives_the_same_result(model, photo_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    full = tmp_path / 'full.emb'
+    embed_collection(model, photo_dir, full, shard_size=2, batch_size=2)
+    out = tmp_path / 'resumed.emb'
+    calls = []
+    real = embed_mod.embed_shard
+
+    def crash_on_third(*args, **kw):
+        calls.append(args[3])
+        if len(calls) == 3:
+            raise KeyboardInterrupt('simulated interruption')
+        return real(*args, **kw)
+    monkeypatch.setattr(embed_mod, 'embed_shard', crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        embed_collection(model, photo_dir, out, shard_size=2, batch_size=2)
+    assert existing_shards(out) == [0, 1]
+    with pytest.raises(ValueError, match='not finished'):
+        load_embeddings(out)
+    assert len(load_embeddings(out, allow_incomplete=True)) == 3  # broken.jpg is in shard 1
+    calls.clear()
+    monkeypatch.setattr(embed_mod, 'embed_shard', real)
+    report = embed_collection(model, photo_dir, out, shard_size=2, batch_size=2)
+    assert report.shards_resumed == 2
+    a, b = load_embeddings(full), load_embeddings(out)
+    assert a.ids == b.ids
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+    # A complete job rerun does nothing; another job into the same dir is refused; --overwrite replaces it.
+    assert embed_collection(model, photo_dir, out, shard_size=2).shards_resumed == 4
+    with pytest.raises(ValueError, match='shard size differs'):
+        embed_collection(model, photo_dir, out, shard_size=3)
+    (photo_dir / 'new.png').write_bytes((photo_dir / 'b.png').read_bytes())
+    with pytest.raises(ValueError, match='inputs differs'):
+        embed_collection(model, photo_dir, out, shard_size=2)
+    assert embed_collection(model, photo_dir, out, shard_size=2, overwrite=True).embedded == 8
+
+
+def test_half_written_shard_is_never_taken_as_complete(model, photo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / 'x.emb'
+    embed_collection(model, photo_dir, out, shard_size=4)
+    tmp = shard_path(out, 1).with_name('.00001.npz.abc.tmp')
+    shard_path(out, 1).rename(tmp)  # as if the writer died before its rename
+    assert existing_shards(out) == [0]
+    assert embed_collection(model, photo_dir, out, shard_size=4).shards_resumed == 1
+    ids, _, vectors, failed = read_shard(shard_path(out, 1))
+    assert len(ids) + len(failed) == 4 and vectors.shape == (len(ids), model.config.embed_dim)
+
+
+def test_refuses_to_write_into_a_foreign_folder(model, photo_dir: Path, tmp_path: Path) -> None:
+    foreign = tmp_path / 'mine'
+    foreign.mkdir()
+    (foreign / 'thesis.tex').write_text('precious')
+    with pytest.raises(FileExistsError, match='not an embeddings dir'):
+        embed_collection(model, photo_dir, foreign)
+    assert (foreign / 'thesis.tex').read_text() == 'precious'
+
+
+def test_texts_official_and_lmdb_inputs(model, tmp_path: Path) -> None:
+    data = tmp_path / 'data'
+    make_synthetic_split(data, 'valid', 6, seed=3)
+    images = embed_collection(model, data, tmp_path / 'img.emb')
+    texts = embed_collection(model, data, tmp_path / 'txt.emb', modality='text')
+    from modelscope_cnclip.data import OfficialSplit
+    split = OfficialSplit(data, 'valid')
+    emb = load_embeddings(tmp_path / 'img.emb')
+    assert emb.ids == [str(i) for i in split.image_ids]
+    np.testing.assert_allclose(emb.vectors, model.encode_image([split.image_bytes(i) for i in split.image_ids]).numpy(),
+                               atol=1e-5)
+    temb = load_embeddings(tmp_path / 'txt.emb')
+    assert temb.ids == [str(t.text_id) for t in split.texts] and texts.embedded == len(split.texts)
+    np.testing.assert_allclose(temb.vectors, model.encode_text([t.text for t in split.texts]).numpy(), atol=1e-5)
+    pytest.importorskip('lmdb')
+    write_lmdb_split(split, tmp_path / 'lmdb', 'valid')
+    lm = embed_collection(model, tmp_path / 'lmdb', tmp_path / 'lmdb.emb')
+    assert lm.embedded == images.embedded
+    np.testing.assert_allclose(load_embeddings(tmp_path / 'lmdb.emb').vectors, emb.vectors, atol=1e-6)
+
+
+def test_uri_folder(model, photo_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip('pyarrow')
+    (photo_dir / 'broken.jpg').unlink()
+    uri = photo_dir.resolve().as_uri()  # file:///...: the same code path as s3:// or gs://
+    coll = open_collection(uri)
+    assert coll.kind == 'uri' and coll.items[0].id == 'a.jpg' and coll.items[0].source == f'{uri}/a.jpg'
+    report = embed_collection(model, coll, tmp_path / 'uri.emb')
+    assert report.embedded == 7
+    local = embed_collection(model, photo_dir, tmp_path / 'local.emb')
+    np.testing.assert_allclose(load_embeddings(tmp_path / 'uri.emb').vectors,
+                               load_embeddings(tmp_path / 'local.emb').vectors, atol=1e-6)
+    assert local.embedded == 7
+
+
+def test_cli_embed(plugin_vit_dir: Path, photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / 'cli.emb'
+    assert main(['embed', str(plugin_vit_dir), str(photo_dir), '--out', str(out), '--shard-size', '5',
+                 '--no-progress']) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary['embedded'] == 7 and summary['failed'] == 1
+    assert main(['embed', str(plugin_vit_dir), str(photo_dir), '--out', str(out), '--shard-size', '3']) == 2
+    assert 'shard size differs' in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_ray_engine_writes_the_same_embeddings(plugin_vit_dir: Path, photo_dir: Path, tmp_path: Path) -> None:
+    """A local Ray instance runs the job (in a subprocess, so Ray's workers never share this test process)."""
+    pytest.importorskip('ray')
+    local = tmp_path / 'local.emb'
+    embed_collection(load(plugin_vit_dir), photo_dir, local, shard_size=3)
+    out = tmp_path / 'ray.emb'
+    code = ('import sys, json, ray; from modelscope_cnclip.embed import embed_collection; '
+            'ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False); '
+            f'r = embed_collection({str(plugin_vit_dir)!r}, {str(photo_dir)!r}, {str(out)!r}, shard_size=3, '
+            'engine="ray", num_workers=2); print(json.dumps(r.to_dict()))')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (report['embedded'], report['failed'], report['shards']) == (7, 1, 3)
+    a, b = load_embeddings(local), load_embeddings(out)
+    assert a.ids == b.ids and a.failed == b.failed
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-5)
