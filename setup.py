@@ -25,10 +25,16 @@ CORE = [
 EXTRAS = {
     # the official LMDB form of training data
     'train': ['lmdb'],
-    # six: lets the tests load --to hub output with ModelScope's built-in CLIP class.
-    'test': ['pytest>=7', 'six', 'lmdb'],
+    # vector index and search (cnclip index / cnclip search)
+    'index': ['faiss-cpu>=1.7.4'],
+    # video embedding (frames read with decord)
+    'video': ['decord>=0.6'],
+    # embedding jobs on a Ray cluster, and s3:// / gs:// inputs (pyarrow comes with Ray Data)
+    'ray': ['ray[data]>=2.9'],
 }
-EXTRAS['all'] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+# six: lets the tests load --to hub output with ModelScope's built-in CLIP class; av: writes the test videos.
+EXTRAS['test'] = ['pytest>=7', 'six', 'av', *EXTRAS['train'], *EXTRAS['index'], *EXTRAS['video'], *EXTRAS['ray']]
+EXTRAS['all'] = sorted({req for name, reqs in EXTRAS.items() if name != 'test' for req in reqs})
 
 setup(
     name='modelscope_cnclip',
