@@ -18,8 +18,6 @@ import argparse
 import gc
 import json
 import logging
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,7 +34,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import PEAK_RSS_GB, emit  # noqa: E402
+from common import PEAK_RSS_GB, emit, header  # noqa: E402
 
 from modelscope_cnclip import get_config, load  # noqa: E402
 from modelscope_cnclip.config import CLIPConfig  # noqa: E402
@@ -389,12 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     DEVICE = torch.device(args.device)
     if DEVICE.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 ceiling and exact mode stay true fp32
-    cpu = next((line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
-                if line.startswith('model name')), platform.processor()) if Path('/proc/cpuinfo').exists() else ''
-    report = ['# Embedding benchmark\n',
-              f'`python {" ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))}`'
-              f'\n\n{cpu}, {os.cpu_count()} CPUs; torch {torch.__version__}, Python {platform.python_version()}; '
-              f'{time.strftime("%Y-%m-%d")}.\n']
+    report = header('Embedding benchmark', argv)
     with tempfile.TemporaryDirectory(prefix='cnclip-bench-') as tmp:
         work = Path(tmp)
         if not args.skip_throughput:

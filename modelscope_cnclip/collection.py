@@ -177,7 +177,8 @@ def _table_items(path: Path, modality: str, columns: Mapping[str, str], root: Pa
         col, id_col = _pick(row, modality, columns), _pick(row, 'id', columns)
         value = row.get(col) if col else None
         if not isinstance(value, str) or (modality != 'text' and not value.strip()):
-            raise ValueError(f'{path}:{row["_line"]}: no {modality} value (columns {sorted(k for k in row if k != "_line")}'
+            names = sorted(k for k in row if k != '_line')
+            raise ValueError(f'{path}:{row["_line"]}: no {modality} value (columns {names}'
                              f'); name the column with columns={{"{modality}": NAME}} (CLI: --column {modality}=NAME)')
         item_id = str(row[id_col]) if id_col and row.get(id_col) not in (None, '') else str(row['_line'])
         if modality != 'text' and '://' not in value and not os.path.isabs(value):

@@ -26,8 +26,18 @@ import torch
 
 from .collection import Collection, Item, open_collection
 from .config import match_architecture
-from .embeddings import (ERRORS, META, SHARDS, atomic_write_bytes, existing_shards, ids_digest, iter_shards, read_meta,
-                         write_meta, write_shard)
+from .embeddings import (
+    ERRORS,
+    META,
+    SHARDS,
+    atomic_write_bytes,
+    existing_shards,
+    ids_digest,
+    iter_shards,
+    read_meta,
+    write_meta,
+    write_shard,
+)
 from .inference import CNClip, load
 
 __all__ = ['EmbedReport', 'embed_collection', 'embed_items', 'model_info', 'auto_batch_size']
