@@ -55,7 +55,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_split
     from .inference import load
     model = load(args.model, device=args.device, precision=args.precision, config=args.config)
-    print(json.dumps(evaluate_split(model, args.data, args.split, args.batch_size)))
+    print(json.dumps(evaluate_split(model, args.data, args.split, args.batch_size, args.predictions_dir)))
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .evaluation import score_predictions
+    print(json.dumps({args.direction: score_predictions(args.predictions, args.ground_truth, args.direction)}))
+    return 0
+
+
+def _cmd_zeroshot(args: argparse.Namespace) -> int:
+    from .inference import load
+    from .zeroshot import elevater_output, evaluate_zeroshot, read_classnames, templates, templates_for_dataset
+    classnames = read_classnames(args.labels)
+    if args.templates:
+        name, prompts = args.templates, templates(args.templates)
+    else:
+        name, prompts = templates_for_dataset(args.dataset)
+    model = load(args.model, device=args.device, precision=args.precision, config=args.config)
+    res = evaluate_zeroshot(model, args.images, classnames, prompts, args.batch_size, args.skip_errors)
+    if args.save_dir:
+        elevater_output(model, args.dataset, res['logits'], args.save_dir)
+    print(json.dumps({'top1': res['top1'], 'top5': res['top5'], 'n_images': res['n_images'],
+                      'n_classes': res['n_classes'], 'templates': name, 'n_skipped': len(res['skipped'])},
+                     ensure_ascii=False))
     return 0
 
 
@@ -141,6 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('model', help='model dir (any layout), weights file or ModelScope hub id')
     p.add_argument('--data', required=True, help='dir with {split}_imgs.tsv and {split}_texts.jsonl')
     p.add_argument('--split', default='valid', help='default valid')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--device', default='cpu', help="cpu, gpu, cuda:1, ... (default cpu)")
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    p.add_argument('--config', help=config_help)
+    p.add_argument('--predictions-dir', help='also write the official top-10 prediction files (t2i, i2t) and the '
+                   'i2t ground truth there, for `cnclip score` or the official scorers')
+
+    p = add('score', _cmd_score, 'score an official top-10 prediction file (the official evaluation.py numbers)')
+    p.add_argument('predictions', help='jsonl: {"text_id", "image_ids"} (t2i) or {"image_id", "text_ids"} (i2t)')
+    p.add_argument('ground_truth', help='the split\'s {split}_texts.jsonl (either direction) or an i2t .tr.jsonl')
+    p.add_argument('--direction', choices=['t2i', 'i2t'], default='t2i', help='default t2i')
+
+    p = add('zeroshot', _cmd_zeroshot, 'zero-shot classification top-1/top-5 on an image folder (official method)')
+    p.add_argument('model', help='model dir (any layout), weights file or ModelScope hub id')
+    p.add_argument('--images', required=True, help='dir with one sub-folder of images per class (sorted by name)')
+    p.add_argument('--labels', required=True,
+                   help='class names, one a line in the order of the sorted class folders; or "imagenet"')
+    p.add_argument('--templates', help='template set (openai, flower, ...), or a file with one template a line with '
+                   '{} for the class name (default: the official set of --dataset)')
+    p.add_argument('--dataset', default='imagenet', help='dataset name: picks the official templates and names the '
+                   '--save-dir file (default imagenet)')
+    p.add_argument('--save-dir', help='write <dataset>.json there (the official ELEVATER prediction output)')
+    p.add_argument('--skip-errors', action='store_true', help='skip unreadable images (each is reported)')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--device', default='cpu', help="cpu, gpu, cuda:1, ... (default cpu)")
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])

@@ -7,7 +7,17 @@ import torch.nn.functional as F
 
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.data import OfficialSplit, TextRecord, make_synthetic_split, write_official_split
-from modelscope_cnclip.evaluation import inbatch_recall, retrieval_metrics, topk_hits
+from modelscope_cnclip.evaluation import (
+    inbatch_recall,
+    retrieval_metrics,
+    score_predictions,
+    t2i_to_i2t,
+    topk_hits,
+    topk_predictions,
+    write_predictions,
+)
+
+from conftest import DATA
 
 
 def test_topk_hits_by_hand():
@@ -71,3 +81,110 @@ def test_generated_dataset_and_cli_eval(tmp_path, plugin_vit_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {'t2i', 'i2t'} and set(out['t2i']) == {'r1', 'r5', 'r10', 'mr'}
     assert 0 <= out['t2i']['r1'] <= out['t2i']['r5'] <= out['t2i']['r10'] <= 100
+
+
+# --- the official prediction files and scorer ------------------------------------------------------------------------
+
+SCORING = DATA / 'golden' / 'scoring'
+
+
+def official_result(name: str) -> dict:
+    """``scoreJson`` of the official scorer as ``score_predictions`` reports it."""
+    res = json.loads((SCORING / name).read_text())['scoreJson']
+    return {'r1': res['r1'], 'r5': res['r5'], 'r10': res['r10'], 'mr': res['mean_recall']}
+
+
+def test_score_predictions_reproduces_the_official_scorers():
+    # exact float equality: the same arithmetic as eval/evaluation.py and eval/evaluation_tr.py
+    assert score_predictions(SCORING / 'pred_t2i.jsonl', SCORING / 'gt.jsonl') == official_result('out_t2i.json')
+    i2t = official_result('out_i2t.json')
+    assert score_predictions(SCORING / 'pred_i2t.jsonl', SCORING / 'gt.tr.jsonl', 'i2t') == i2t
+    assert score_predictions(SCORING / 'pred_i2t.jsonl', SCORING / 'gt.jsonl', 'i2t') == i2t  # transformed here
+
+
+def test_i2t_ground_truth_is_the_official_transform():
+    gt = [json.loads(line) for line in (SCORING / 'gt.jsonl').read_text().splitlines()]
+    want = [json.loads(line) for line in (SCORING / 'gt.tr.jsonl').read_text().splitlines()]
+    assert t2i_to_i2t(gt) == want
+    assert t2i_to_i2t([{'text_id': 1, 'image_ids': [5, 4]}, {'text_id': 2, 'image_ids': [4]}]) == [
+        {'image_id': 5, 'text_ids': [1]}, {'image_id': 4, 'text_ids': [1, 2]}]
+
+
+@pytest.mark.parametrize('name, message', [
+    ('nine', r'bad_nine.jsonl:1: text_id 1 has 9 predicted image_ids; 10 are required'),
+    ('str_query', r"bad_str_query.jsonl:1: text_id '1' must be an integer"),
+    ('str_candidate', r"bad_str_candidate.jsonl:1: text_id 1 has an invalid image_id '1000' at rank 1"),
+    ('duplicate', r'bad_duplicate.jsonl:1: text_id 1 has duplicate image_ids'),
+    ('missing', r'bad_missing.jsonl: 1 text_ids of .*gt.jsonl have no prediction: 1 \(line 1\)'),
+    ('no_query', r'bad_no_query.jsonl:1: no "text_id"'),
+    ('not_list', r'bad_not_list.jsonl:1: "image_ids" of text_id 1 must be a list'),
+])
+def test_score_predictions_rejects_what_the_official_rejects(name, message):
+    assert name in json.loads((SCORING / 'bad.json').read_text())  # the official scorer failed on this file
+    with pytest.raises(ValueError, match=message):
+        score_predictions(SCORING / f'bad_{name}.jsonl', SCORING / 'gt.jsonl')
+
+
+def test_score_predictions_other_errors(tmp_path):
+    lines = (SCORING / 'pred_t2i.jsonl').read_text().splitlines()
+    (tmp_path / 'twice.jsonl').write_text('\n'.join(lines + lines[:1]) + '\n')
+    with pytest.raises(ValueError, match=r'twice.jsonl:14: text_id 1 again \(first on line 1\)'):
+        score_predictions(tmp_path / 'twice.jsonl', SCORING / 'gt.jsonl')
+    with pytest.raises(ValueError, match=r"direction='x2y': choose one of \['t2i', 'i2t'\]"):
+        score_predictions(SCORING / 'pred_t2i.jsonl', SCORING / 'gt.jsonl', 'x2y')
+    with pytest.raises(FileNotFoundError, match='nope.jsonl not found'):
+        score_predictions(tmp_path / 'nope.jsonl', SCORING / 'gt.jsonl')
+    with pytest.raises(ValueError, match=r'gt.tr.jsonl:1: expected a \{"text_id", "image_ids": \[...\]\} object'):
+        score_predictions(SCORING / 'pred_t2i.jsonl', SCORING / 'gt.tr.jsonl', 't2i')
+
+
+def test_topk_predictions_break_ties_like_the_official_sort():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (50, 30), generator=g).float()  # many ties
+    preds = topk_predictions(scores, list(range(50)), [100 + c for c in range(30)], k=10)
+    for q, (qid, ranked) in enumerate(preds):
+        # make_topk_predictions.py: sorted((id, score) ..., key=score, reverse=True)[:10] (stable)
+        want = [i for i, _ in sorted(zip(range(100, 130), scores[q].tolist()), key=lambda x: x[1], reverse=True)][:10]
+        assert qid == q and ranked == want
+    assert topk_hits(scores, torch.zeros(50, 30, dtype=torch.bool) | (torch.arange(30) == 0), ks=(1,)) == {
+        1: 100.0 * sum(p[1][0] == 100 for p in preds) / 50}
+    with pytest.raises(ValueError, match=r'scores \(50, 30\) must be \(len\(query_ids\), len\(candidate_ids\)\)'):
+        topk_predictions(scores, list(range(49)), list(range(30)))
+
+
+def test_retrieval_metrics_equal_the_score_of_written_predictions(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(25, 8, generator=g), dim=-1)
+    image_ids = list(range(500, 525))
+    truth = [[500 + (3 * t) % 25] + ([500 + (7 * t + 1) % 25] if t % 4 == 0 else []) for t in range(18)]
+    txt = F.normalize(img[[ids[0] - 500 for ids in truth]] + 1.2 * torch.randn(18, 8, generator=g), dim=-1)
+    want = retrieval_metrics(img, image_ids, txt, truth)
+    assert 0 < want['t2i']['r1'] < 100 and 0 < want['i2t']['r1'] < 100  # not trivial
+    text_ids = list(range(18))
+    (tmp_path / 'gt.jsonl').write_text(''.join(
+        json.dumps({'text_id': t, 'text': 'x', 'image_ids': ids}) + '\n' for t, ids in zip(text_ids, truth)))
+    scores = txt @ img.T
+    write_predictions(tmp_path / 't2i.jsonl', topk_predictions(scores, text_ids, image_ids), 't2i')
+    write_predictions(tmp_path / 'i2t.jsonl', topk_predictions(scores.T, image_ids, text_ids), 'i2t')
+    assert json.loads((tmp_path / 'i2t.jsonl').read_text().splitlines()[0]).keys() == {'image_id', 'text_ids'}
+    for direction in ('t2i', 'i2t'):
+        got = score_predictions(tmp_path / f'{direction}.jsonl', tmp_path / 'gt.jsonl', direction)
+        assert {k: round(v, 4) for k, v in got.items()} == want[direction]
+
+
+def test_cli_eval_writes_predictions_and_score_reproduces_them(tmp_path, plugin_vit_dir, capsys):
+    make_synthetic_split(tmp_path, 'valid', 14, seed=5)
+    out = tmp_path / 'pred'
+    assert main(['eval', str(plugin_vit_dir), '--data', str(tmp_path), '--predictions-dir', str(out)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == ['valid_predictions.jsonl', 'valid_texts.tr.jsonl',
+                                                    'valid_tr_predictions.jsonl']
+    first = json.loads((out / 'valid_predictions.jsonl').read_text().splitlines()[0])
+    assert first['text_id'] == 0 and len(first['image_ids']) == 10
+    for direction, pred, gt in [('t2i', 'valid_predictions.jsonl', tmp_path / 'valid_texts.jsonl'),
+                                ('i2t', 'valid_tr_predictions.jsonl', out / 'valid_texts.tr.jsonl')]:
+        assert main(['score', str(out / pred), str(gt), '--direction', direction]) == 0
+        scored = json.loads(capsys.readouterr().out)[direction]
+        assert {k: round(v, 4) for k, v in scored.items()} == metrics[direction]
+    assert main(['score', str(out / 'valid_predictions.jsonl'), str(tmp_path / 'nope.jsonl')]) == 2
+    assert 'nope.jsonl not found' in capsys.readouterr().err
