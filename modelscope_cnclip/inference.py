@@ -200,6 +200,14 @@ class CNClip:
         """L2-normalised text embeddings ``(N, D)`` of a str, a list of str, or token ids (``(L,)`` or ``(N, L)``)."""
         return encode_texts(self.model, self.tokenizer, as_text_batch(texts), batch_size)
 
+    def encode_video(self, videos: Any, num_frames: int = 8, mode: str = 'uniform', sample_fps: float = 1.0,
+                     max_frames: int | None = None, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
+        """L2-normalised video embeddings ``(N, D)`` of one video (path, URL, bytes) or a list: sampled frames
+        embedded as images, mean-pooled, renormalised (needs decord; see :func:`modelscope_cnclip.video.encode_videos`
+        for the sampling and for skipping unreadable videos)."""
+        from .video import encode_videos  # decord is an optional extra
+        return encode_videos(self, videos, num_frames, mode, sample_fps, max_frames, batch_size).embeddings
+
     def similarity(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str]) -> torch.Tensor:
         """Softmax over texts of ``(img / temperature) @ text.T``: ``(N_images, N_texts)`` probabilities."""
         img, txt = self.encode_image(images), self.encode_text(texts)

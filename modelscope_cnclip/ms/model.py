@@ -13,12 +13,15 @@ from modelscope.utils.constant import Tasks
 from ..config import CLIPConfig
 from ..inference import CNClip
 from ..sources import LAYOUTS, Checkpoint, default_configuration, read_source, write_dir
+from ..video import pool_frames
 
 MODEL_TYPE = 'cnclip'
 PIPELINE_TYPE = 'cnclip-multi-modal-embedding'
 PREPROCESSOR_TYPE = 'cnclip-preprocessor'
-RAW_KEYS = ('img', 'text')
-TENSOR_KEYS = ('pixel_values', 'input_ids', 'attention_mask')
+RAW_KEYS = ('img', 'text', 'video')
+# Preprocessed videos: the frames of all videos in order, (sum F_i, 3, R, R), and F_i per video, (V,).
+VIDEO_KEYS = ('video_pixel_values', 'video_frame_counts')
+TENSOR_KEYS = ('pixel_values', 'input_ids', 'attention_mask', *VIDEO_KEYS)
 
 
 def plugin_configuration(config: Any = None) -> dict[str, Any]:
@@ -38,14 +41,15 @@ def check_input_keys(inputs: Any) -> None:
         raise TypeError(f'input must be a dict like {{"img": ..., "text": ...}}, got {type(inputs).__name__}')
     unknown = sorted(set(inputs) - set(RAW_KEYS) - set(TENSOR_KEYS))
     if unknown:
-        raise ValueError(f'unknown input key(s) {unknown}; use "img" (images) and/or "text" (str or list of str)')
+        raise ValueError(f'unknown input key(s) {unknown}; use "img" (images), "video" (video files or bytes) '
+                         f'and/or "text" (str or list of str)')
 
 
 @MODELS.register_module(Tasks.multi_modal_embedding, module_name=MODEL_TYPE)
 @MODELS.register_module(Tasks.image_text_retrieval, module_name=MODEL_TYPE)
 class CNClipForMultiModalEmbedding(TorchModel):
-    """Chinese CLIP as a ModelScope model: ``forward({'img': ..., 'text': ...})`` returns L2-normalised
-    ``img_embedding`` / ``text_embedding`` (``None`` for a missing modality).
+    """Chinese CLIP as a ModelScope model: ``forward({'img': ..., 'text': ..., 'video': ...})`` returns
+    L2-normalised ``img_embedding`` / ``text_embedding`` / ``video_embedding`` (``None`` for a missing modality).
 
     Args:
         model_dir: any source :func:`modelscope_cnclip.read_source` reads (model dir of any layout, weights file,
@@ -87,12 +91,22 @@ class CNClipForMultiModalEmbedding(TorchModel):
         return self.core.temperature
 
     def forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """``{'img'|'pixel_values': ..., 'text'|'input_ids': ...}`` -> embeddings (missing modality -> ``None``)."""
+        """``{'img'|'pixel_values': ..., 'text'|'input_ids': ..., 'video'|'video_pixel_values' and
+        'video_frame_counts': ...}`` -> embeddings (missing modality -> ``None``)."""
         check_input_keys(inputs)
         img = inputs.get('pixel_values', inputs.get('img'))
         text = inputs.get('input_ids', inputs.get('text'))
         return {OutputKeys.IMG_EMBEDDING: None if img is None else self.core.encode_image(img),
-                OutputKeys.TEXT_EMBEDDING: None if text is None else self.core.encode_text(text)}
+                OutputKeys.TEXT_EMBEDDING: None if text is None else self.core.encode_text(text),
+                OutputKeys.VIDEO_EMBEDDING: self._encode_video(inputs)}
+
+    def _encode_video(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        pixels, counts = (inputs.get(k) for k in VIDEO_KEYS)
+        if pixels is None and counts is None:
+            return None if inputs.get('video') is None else self.core.encode_video(inputs['video'])
+        if pixels is None or counts is None:
+            raise ValueError(f'preprocessed videos need both {list(VIDEO_KEYS)} (as CNClipPreprocessor makes them)')
+        return pool_frames(self.core.encode_image(pixels), counts)
 
     def to_checkpoint(self) -> Checkpoint:
         """The current weights (fp32, CPU) as a :class:`Checkpoint`."""

@@ -17,13 +17,17 @@ from modelscope.utils.constant import Frameworks, Tasks
 
 from ..sources import PLUGIN_CONFIG, RESOURCES
 from .model import PIPELINE_TYPE, RAW_KEYS, CNClipForMultiModalEmbedding, check_input_keys
-from .preprocessor import CNClipPreprocessor
+from .preprocessor import VIDEO_PARAMS, CNClipPreprocessor
 
 
 @PIPELINES.register_module(Tasks.multi_modal_embedding, module_name=PIPELINE_TYPE)
 @PIPELINES.register_module(Tasks.image_text_retrieval, module_name=PIPELINE_TYPE)
 class CNClipPipeline(Pipeline):
-    """Embed images and/or texts: ``{'img': ..., 'text': ...}`` -> ``{'img_embedding', 'text_embedding'}``.
+    """Embed images, texts and/or videos: ``{'img': ..., 'text': ..., 'video': ...}`` ->
+    ``{'img_embedding', 'text_embedding', 'video_embedding'}`` (``None`` for a missing modality).
+
+    A call takes the video frame sampling as keyword arguments: ``p({'video': path}, num_frames=16)``,
+    ``video_mode='fps'``, ``sample_fps``, ``max_frames`` (see :func:`modelscope_cnclip.video.sample_indices`).
 
     Args:
         model: a :class:`CNClipForMultiModalEmbedding`, or any source it reads (dir, weights file, hub id).
@@ -61,19 +65,28 @@ class CNClipPipeline(Pipeline):
 
     def _check_input(self, input: Any) -> None:
         check_input_keys(input)
-        if all(input.get(k) is None for k in (*RAW_KEYS, 'pixel_values', 'input_ids')):
-            raise ValueError('input has neither "img" nor "text"; give at least one, e.g. {"text": ["皮卡丘"]}')
+        if all(input.get(k) is None for k in (*RAW_KEYS, 'pixel_values', 'input_ids', 'video_pixel_values')):
+            raise ValueError('input has neither "img" nor "text" nor "video"; give at least one, '
+                             'e.g. {"text": ["皮卡丘"]}')
+
+    def _sanitize_parameters(self, **pipeline_parameters: Any) -> tuple[dict, dict, dict]:
+        unknown = sorted(set(pipeline_parameters) - set(VIDEO_PARAMS))
+        if unknown:
+            raise TypeError(f'unknown pipeline argument(s) {unknown}; a call takes {list(VIDEO_PARAMS)} '
+                            f'(video frame sampling) and batch_size')
+        return pipeline_parameters, {}, {}
 
     def preprocess(self, input: dict[str, Any], **preprocess_params: Any) -> dict[str, Any]:
-        return self.preprocessor(input)
+        return self.preprocessor(input, **preprocess_params)
 
     def forward(self, input: dict[str, Any], **forward_params: Any) -> dict[str, Any]:
-        """Embed; raw input (``p.forward({'img': [...]})``, as with the built-in pipeline) is preprocessed first."""
+        """Embed; raw input (``p.forward({'img': [...]})``, as with the built-in pipeline) is preprocessed first,
+        with ``forward_params`` as the video sampling."""
         self._check_input(input)
         if not self._model_prepare:
             self.prepare_model()
         if any(input.get(k) is not None for k in RAW_KEYS):
-            input = self.preprocess(input)
+            input = self.preprocess(input, **self._sanitize_parameters(**forward_params)[0])
         return self.model(input)
 
     def postprocess(self, inputs: dict[str, Any], **postprocess_params: Any) -> dict[str, Any]:

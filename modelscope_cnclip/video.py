@@ -1,0 +1,430 @@
+"""Video embedding: sample frames with decord, embed them as images, mean-pool per video and renormalise.
+
+Videos live in the image embedding space, so a text or an image query searches videos with the same index.
+decord is an optional dependency (``pip install "modelscope_cnclip[video]"``), imported only when a video is read.
+
+Frame policy (``mode='uniform'``): the video is cut into ``num`` equal segments and the centre frame of each
+is taken, ``index_i = floor((i + 1/2) * num_frames / num)``. Every frame then stands for the same share of the
+video, so the mean of their embeddings weighs the whole video evenly (including both ends would give the first
+and last frames half a segment each and over-weight the boundaries), and the sample stays clear of the first
+frame (often black, a fade-in or a title card) and of the last one (often a fade-out, and the frame decord most
+often fails to decode when a file's index is broken). It never reaches ``num_frames``; a video with fewer than
+``num`` frames gives each of its frames once.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+import urllib.request
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .transform import ImageTransform
+
+if TYPE_CHECKING:
+    from .inference import CNClip
+
+__all__ = ['VIDEO_EXTENSIONS', 'SAMPLING_MODES', 'VideoInput', 'VideoError', 'VideoFailure', 'EncodedVideos',
+           'check_sampling', 'sample_indices', 'read_frames', 'load_videos', 'pool_frames', 'encode_videos',
+           'as_video_batch']
+
+logger = logging.getLogger(__name__)
+
+VideoInput = Union[str, os.PathLike, bytes, bytearray, memoryview]
+VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.flv', '.m4v', '.mpg', '.mpeg', '.wmv', '.ts', '.3gp',
+                    '.ogv', '.mts', '.m2ts', '.vob', '.asf')
+SAMPLING_MODES = ('uniform', 'fps')
+DEFAULT_BATCH = 64  # frames per model call
+INSTALL_HINT = 'pip install "modelscope_cnclip[video]"'
+_ACCEPTED = 'a file path, a pathlib.Path, an http(s) URL or the encoded bytes of a video file'
+# How far back from the end a broken tail is probed: n-1, n-2, n-3, n-5, n-9, ... (then frame 0).
+_MAX_PROBES = 24
+_TRIES = 2  # reads of one frame in the frame-by-frame fallback
+# decord prefixes its C++ messages with "[hh:mm:ss] /path/file.cc:123: "; the reason is what follows.
+_DECORD_PREFIX = re.compile(r'\[\d\d:\d\d:\d\d\] \S+?:\d+: ')
+
+
+class VideoError(ValueError):
+    """A video that cannot be read: unreadable, corrupt, empty or without frames. The message names it."""
+
+
+class VideoFailure(NamedTuple):
+    """A video that :func:`encode_videos` skipped: its position in the input, what it was, and why."""
+
+    index: int
+    source: str
+    reason: str
+
+
+class EncodedVideos(NamedTuple):
+    """What :func:`encode_videos` returns: ``embeddings`` has one row per video read, in input order (the videos
+    in ``failed`` have none)."""
+
+    embeddings: torch.Tensor  # (N - len(failed), D) float32, L2-normalised
+    failed: list[VideoFailure]
+
+
+def _decord() -> ModuleType:
+    try:
+        import decord
+    except ImportError as e:
+        raise ImportError(f'reading videos needs decord: {INSTALL_HINT}') from e
+    return decord
+
+
+def check_sampling(num: int = 8, mode: str = 'uniform', sample_fps: float = 1.0,
+                   max_frames: int | None = None) -> None:
+    """Validate frame-sampling arguments (before any video is read, so a typo is not reported per video)."""
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f'mode={mode!r}: choose one of {list(SAMPLING_MODES)}')
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f'num_frames={num!r}: expected an int >= 1 (frames sampled per video)')
+    if mode == 'fps':
+        if not (isinstance(sample_fps, (int, float)) and math.isfinite(sample_fps) and sample_fps > 0):
+            raise ValueError(f'sample_fps={sample_fps!r}: expected a number > 0 (frames sampled per second)')
+        if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
+            raise ValueError(f'max_frames={max_frames!r}: expected an int >= 1 or None (no cap)')
+    elif max_frames is not None:
+        raise ValueError(f"max_frames={max_frames!r} caps mode='fps'; with mode='uniform' num_frames sets the count")
+
+
+def _spread(n: int, num: int) -> list[int]:
+    """Centres of ``num`` equal segments of ``range(n)`` (all of it when ``n <= num``); exact integer maths."""
+    if n <= num:
+        return list(range(n))
+    return [(2 * i + 1) * n // (2 * num) for i in range(num)]
+
+
+def sample_indices(num_frames: int, fps: float, num: int = 8, mode: str = 'uniform', sample_fps: float = 1.0,
+                   max_frames: int | None = None) -> list[int]:
+    """Which frames of a video to embed: sorted, distinct indices in ``[0, num_frames)``.
+
+    Args:
+        num_frames: frames in the video.
+        fps: its frame rate (read in ``'fps'`` mode only).
+        num: ``'uniform'``: how many frames; the centre frame of each of ``num`` equal segments (see the module
+            docstring), or every frame once when the video is shorter.
+        mode: ``'uniform'`` or ``'fps'``: one frame every ``1 / sample_fps`` seconds from t=0 (the frame shown at
+            that time), every frame once when ``sample_fps >= fps``.
+        sample_fps: frames per second in ``'fps'`` mode.
+        max_frames: ``'fps'`` mode: keep at most this many of those frames, spread uniformly over them as above.
+
+    Raises:
+        ValueError: a video with no frames, a frame rate that is not a positive number in ``'fps'`` mode, or
+            invalid arguments.
+    """
+    check_sampling(num, mode, sample_fps, max_frames)
+    if num_frames < 1:
+        raise ValueError(f'the video has no frames (num_frames={num_frames}): nothing to sample')
+    if mode == 'uniform':
+        return _spread(num_frames, num)
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"frame rate {fps!r} is not a positive number, so mode='fps' cannot time frames; "
+                         f"use mode='uniform'")
+    step = fps / sample_fps  # frames between samples
+    count = max(1, math.ceil(num_frames / step - 1e-9))  # samples at t = k / sample_fps < duration
+    # The frame shown at time t is floor(t * fps); the epsilon keeps k * step = 9.9999999 on frame 10.
+    picks = np.floor(np.arange(count) * step + 1e-6).astype(np.int64).clip(0, num_frames - 1)
+    indices = np.unique(picks).tolist()  # sample_fps > fps maps several samples to one frame
+    if max_frames is not None and len(indices) > max_frames:
+        indices = [indices[i] for i in _spread(len(indices), max_frames)]
+    return indices
+
+
+def _what(source: Any) -> str:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f'<{len(source)} bytes>'
+    return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else repr(source)[:200]
+
+
+def _reason(e: BaseException) -> str:
+    text = ' '.join(_DECORD_PREFIX.sub('', str(e)).split())
+    if 'cannot find video stream' in text:
+        return 'no video stream (an audio-only, truncated or corrupt file)'
+    if text.startswith('Error reading'):
+        return 'not a video decord can open (corrupt or truncated file, or an unsupported format)'
+    return text or type(e).__name__
+
+
+def _video_bytes(source: VideoInput, timeout: float) -> bytes | None:
+    """Encoded bytes of an in-memory or URL source (``None`` for a file, which decord opens by path)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, str) and source.startswith(('http://', 'https://')):
+        try:
+            with urllib.request.urlopen(source, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
+                return resp.read()
+        except OSError as e:
+            raise OSError(f'cannot download video {source}: {e}') from None
+    if isinstance(source, (str, os.PathLike)):
+        return None
+    raise TypeError(f'unsupported video input {type(source).__name__}: {_what(source)}; use {_ACCEPTED}')
+
+
+def _to_numpy(batch: Any) -> np.ndarray:
+    # decord returns its own NDArray unless decord.bridge.set_bridge() chose torch/tf/mxnet tensors.
+    return batch.asnumpy() if hasattr(batch, 'asnumpy') else np.asarray(batch)
+
+
+def _last_decodable(open_reader: Callable[[], Any], total: int, errors: tuple[type[BaseException], ...]) -> int:
+    """Index of a late frame that decodes, probing ``total-1, total-2, total-3, total-5, ...`` and then 0 (each
+    on a fresh reader: decord's decoder can stay broken after an error); -1 when none does."""
+    offsets = [0] + [2 ** k for k in range(_MAX_PROBES)]
+    for i in [total - 1 - off for off in offsets if total - 1 - off > 0] + [0]:
+        try:
+            _to_numpy(open_reader()[i])
+            return i
+        except errors:
+            continue
+    return -1
+
+
+def _decode(open_reader: Callable[[int], Any], pick: Callable[[int, float], list[int]], what: str,
+            errors: tuple[type[BaseException], ...], num_threads: int = 1) -> tuple[list[int], np.ndarray]:
+    """Sample and decode frames -> ``(indices read, (F, H, W, 3) uint8)``, working around broken files.
+
+    decord reports a frame count from the container, and the last frames of some files (a broken or missing
+    index, a truncated download) do not decode; its decoder thread also reads ahead, so a broken packet can fail a
+    read of the good frames before it, by chance. So each read is tried twice (the second time on a fresh reader),
+    and on a failed batch read the tail is probed for the last frame that decodes and the sampling is redone over
+    the frames up to it; if that fails too, each sampled frame is read on its own (a seek per frame) and those that
+    decode are kept. ``open_reader(n)`` opens the video with ``n`` decoding threads; the fallbacks use one, which
+    reads ahead the least.
+    """
+    reader = open_reader(num_threads)
+    fresh = partial(open_reader, 1)
+    total, fps = len(reader), float(reader.get_avg_fps())
+    try:
+        indices = pick(total, fps)
+    except ValueError as e:
+        raise VideoError(f'cannot read video {what}: {e}') from None
+    try:
+        return indices, _twice(fresh, lambda r: r.get_batch(indices), errors, reader)
+    except errors as e:
+        first = _reason(e)
+    last = _last_decodable(fresh, total, errors)
+    if last < 0:
+        raise VideoError(f'cannot read video {what}: none of its {total} frames decodes ({first})')
+    if last + 1 < total:
+        retry = pick(last + 1, fps)
+        try:
+            frames = _twice(fresh, lambda r: r.get_batch(retry), errors)
+            logger.warning('video %s: its last %d of %d frames do not decode (%s); sampled its first %d instead',
+                           what, total - last - 1, total, first, last + 1)
+            return retry, frames
+        except errors:
+            indices = retry
+    reader, got = fresh(), []
+    for i in indices:
+        for _ in range(_TRIES):
+            try:
+                got.append((i, _to_numpy(reader[i])))
+                break
+            except errors:
+                reader = fresh()  # decord's decoder can stay broken after an error
+    if not got:
+        raise VideoError(f'cannot read video {what}: none of the sampled frames {indices} decodes ({first})')
+    logger.warning('video %s: read %d of the %d sampled frames one by one (%s)', what, len(got), len(indices), first)
+    return [i for i, _ in got], np.stack([a for _, a in got])
+
+
+def _twice(open_reader: Callable[[], Any], read: Callable[[Any], Any], errors: tuple[type[BaseException], ...],
+           reader: Any = None) -> np.ndarray:
+    """``read(reader)`` as a numpy array, tried once more on a fresh reader if it fails."""
+    try:
+        return _to_numpy(read(reader if reader is not None else open_reader()))
+    except errors:
+        return _to_numpy(read(open_reader()))
+
+
+def read_frames(source: VideoInput, num_frames: int = 8, mode: str = 'uniform', sample_fps: float = 1.0,
+                max_frames: int | None = None, num_threads: int = 2, timeout: float = 30.0) -> list[Image.Image]:
+    """Decode the sampled frames of one video (see :func:`sample_indices`) as RGB PIL images, in time order.
+
+    Args:
+        source: a file path (str or ``os.PathLike``), an http(s) URL, or the encoded bytes of a video file.
+        num_frames, mode, sample_fps, max_frames: the sampling, as in :func:`sample_indices` (``num_frames`` is
+            its ``num``).
+        num_threads: decoding threads for this video.
+        timeout: seconds allowed for a URL download.
+
+    Raises:
+        VideoError: an empty, corrupt or unreadable video, or one without frames. FileNotFoundError: a path that
+        does not exist. TypeError: an unsupported input. ImportError: decord is not installed.
+    """
+    check_sampling(num_frames, mode, sample_fps, max_frames)
+    decord = _decord()
+    what = _what(source)
+    data = _video_bytes(source, timeout)
+    if data is None:
+        path = Path(source)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise FileNotFoundError(f'video file {str(source)!r} not found (looked in {path.resolve().parent})')
+        if path.stat().st_size == 0:
+            raise VideoError(f'cannot read video {what}: the file is empty (0 bytes)')
+        uri: Any = os.fspath(path)
+    elif not data:
+        raise VideoError(f'cannot read video {what}: no data')
+    errors = (decord.DECORDError, RuntimeError, IndexError, StopIteration)
+
+    def open_reader(threads: int) -> Any:
+        try:
+            return decord.VideoReader(io.BytesIO(data) if data is not None else uri, ctx=decord.cpu(0),
+                                      num_threads=threads)
+        except AssertionError:  # decord asserts on a frame count of 0
+            raise VideoError(f'cannot read video {what}: it has no frames') from None
+        except (decord.DECORDError, RuntimeError) as e:
+            raise VideoError(f'cannot read video {what}: {_reason(e)}') from None
+
+    def pick(total: int, fps: float) -> list[int]:
+        return sample_indices(total, fps, num_frames, mode, sample_fps, max_frames)
+
+    indices, frames = _decode(open_reader, pick, what, errors, num_threads)
+    logger.debug('video %s: frames %s', what, indices)
+    return [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
+
+
+def as_video_batch(videos: VideoInput | Sequence[VideoInput]) -> list[VideoInput]:
+    """One video input or a list of them -> a list."""
+    if isinstance(videos, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return [videos]
+    if isinstance(videos, (list, tuple)):
+        return list(videos)
+    raise TypeError(f'video: expected {_ACCEPTED}, or a list of them; got {type(videos).__name__}')
+
+
+_READ_ERRORS = (OSError, ValueError, TypeError)
+
+
+def _read_ahead(videos: Sequence[VideoInput], load: Callable[[VideoInput], np.ndarray],
+                num_workers: int, ahead: int) -> Iterator[tuple[int, VideoInput, np.ndarray | Exception]]:
+    """Yield ``(index, video, frames or the read error)`` in input order, reading up to ``ahead`` videos ahead in
+    ``num_workers`` threads (decord and PIL release the GIL), so reading overlaps the model's work."""
+    def attempt(video: VideoInput) -> np.ndarray | Exception:
+        try:
+            return load(video)
+        except _READ_ERRORS as e:
+            return e
+
+    if num_workers <= 1 or len(videos) <= 1:
+        for i, video in enumerate(videos):
+            yield i, video, attempt(video)
+        return
+    with ThreadPoolExecutor(num_workers, thread_name_prefix='cnclip-video') as pool:
+        todo = iter(enumerate(videos))
+        pending: deque[tuple[int, VideoInput, Future]] = deque(
+            (i, v, pool.submit(attempt, v)) for i, v in islice(todo, ahead))
+        while pending:
+            i, video, fut = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt[0], nxt[1], pool.submit(attempt, nxt[1])))
+            yield i, video, fut.result()
+
+
+def _indexed(e: Exception, i: int) -> Exception:
+    return type(e)(f'video[{i}]: {e}')
+
+
+def _workers(num_workers: int) -> int:
+    return num_workers or min(4, os.cpu_count() or 1)
+
+
+def _frame_loader(transform: ImageTransform, num_frames: int, mode: str, sample_fps: float,
+                  max_frames: int | None, threads: int) -> Callable[[VideoInput], np.ndarray]:
+    def load(video: VideoInput) -> np.ndarray:  # (F, R, R, 3) uint8, preprocessed exactly as images are
+        frames = read_frames(video, num_frames, mode, sample_fps, max_frames, num_threads=threads)
+        return np.stack([transform.to_uint8(f) for f in frames])
+    return load
+
+
+def load_videos(videos: Sequence[VideoInput], transform: ImageTransform, num_frames: int = 8, mode: str = 'uniform',
+                sample_fps: float = 1.0, max_frames: int | None = None, num_workers: int = 0) -> list[np.ndarray]:
+    """Sample and resize the frames of each video -> one ``(F_i, R, R, 3)`` uint8 array per video (normalise with
+    ``transform.normalize``). Errors name the failing ``video[index]``."""
+    check_sampling(num_frames, mode, sample_fps, max_frames)
+    workers = _workers(num_workers)
+    load = _frame_loader(transform, num_frames, mode, sample_fps, max_frames, 1 if workers > 1 else 2)
+    out = []
+    for i, _, result in _read_ahead(list(videos), load, workers, 2 * workers):
+        if isinstance(result, Exception):
+            raise _indexed(result, i) from None
+        out.append(result)
+    return out
+
+
+def pool_frames(frames: torch.Tensor, counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Mean-pool consecutive frame embeddings per video and renormalise: ``(sum(counts), D)`` -> ``(V, D)``."""
+    counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+    if sum(counts) != len(frames) or any(c < 1 for c in counts):
+        raise ValueError(f'frame counts {counts} do not split {len(frames)} frame embeddings (each video needs >= 1)')
+    if not counts:
+        return frames.new_empty(0, frames.shape[-1])
+    return F.normalize(torch.stack([chunk.mean(0) for chunk in frames.split(counts)]), dim=-1)
+
+
+def encode_videos(model: CNClip, videos: VideoInput | Sequence[VideoInput], num_frames: int = 8,
+                  mode: str = 'uniform', sample_fps: float = 1.0, max_frames: int | None = None,
+                  batch_size: int = DEFAULT_BATCH, skip_errors: bool = False, num_workers: int = 0) -> EncodedVideos:
+    """Embed videos: sampled frames embedded as images, mean-pooled per video, renormalised.
+
+    Frames of several videos share each model call; videos are read in ``num_workers`` threads ahead of it.
+
+    Args:
+        model: a loaded :class:`~modelscope_cnclip.CNClip`.
+        videos: one video input (path, URL or bytes) or a list of them.
+        num_frames, mode, sample_fps, max_frames: the frame sampling (see :func:`sample_indices`).
+        batch_size: frames per model call.
+        skip_errors: list the videos that cannot be read in ``failed`` (with the reason) and go on, instead of
+            raising on the first.
+        num_workers: threads reading videos (0: one per CPU, at most 4).
+
+    Returns:
+        ``(embeddings, failed)``: ``(N, D)`` float32 L2-normalised rows for the videos read, in input order, on the
+        model's device, and a list of :class:`VideoFailure` ``(index, source, reason)`` (empty unless
+        ``skip_errors``).
+
+    Raises:
+        VideoError, FileNotFoundError, TypeError: a video that cannot be read (message starts ``video[i]:``),
+        unless ``skip_errors``. ValueError: invalid sampling arguments (always).
+    """
+    check_sampling(num_frames, mode, sample_fps, max_frames)
+    items = as_video_batch(videos)
+    workers = _workers(num_workers)
+    load = _frame_loader(model.transform, num_frames, mode, sample_fps, max_frames, 1 if workers > 1 else 2)
+    failed: list[VideoFailure] = []
+    outs: list[torch.Tensor] = []
+    arrays: list[np.ndarray] = []
+
+    def flush() -> None:
+        pixels = model.transform.normalize(torch.from_numpy(np.concatenate(arrays)))  # (F, 3, R, R)
+        outs.append(pool_frames(model.encode_image(pixels, batch_size), [len(a) for a in arrays]))
+        arrays.clear()
+
+    for i, video, result in _read_ahead(items, load, workers, 2 * workers + batch_size // num_frames):
+        if isinstance(result, Exception):
+            if not skip_errors:
+                raise _indexed(result, i) from None
+            failed.append(VideoFailure(i, _what(video), str(result)))
+            logger.warning('video[%d] %s skipped: %s', i, _what(video), result)
+            continue
+        arrays.append(result)
+        if sum(len(a) for a in arrays) >= batch_size:
+            flush()
+    if arrays:
+        flush()
+    embeddings = torch.cat(outs) if outs else torch.empty(0, model.config.embed_dim, device=model.device)
+    return EncodedVideos(embeddings, failed)
