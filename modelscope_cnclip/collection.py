@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .video import VIDEO_EXTENSIONS
+
 __all__ = ['Item', 'Collection', 'open_collection', 'IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS', 'MODALITIES']
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm', '.pbm',
                     '.jfif')
-VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.flv', '.m4v', '.mpg', '.mpeg', '.wmv', '.ts',
-                    '.3gp')
 MODALITIES = ('image', 'text', 'video')
 
 # Column names recognised in jsonl/csv inputs, first match wins; override with ``columns``.

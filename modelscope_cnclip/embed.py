@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ __all__ = ['EmbedReport', 'embed_collection', 'embed_items', 'model_info', 'auto
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar('T')
 DEFAULT_SHARD_SIZE = 1024
 ENGINES = ('local', 'ray')
 
@@ -85,7 +86,7 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or 'out of memory' in str(e)
 
 
-def _with_backoff(fn: Callable[[Any, int], torch.Tensor], batch: Any, batch_size: list[int]) -> torch.Tensor:
+def _with_backoff(fn: Callable[[Any, int], T], batch: Any, batch_size: list[int]) -> T:
     """``fn(batch, size)``, halving ``batch_size[0]`` (shared across calls) on CUDA out-of-memory errors."""
     while True:
         try:
@@ -148,8 +149,9 @@ def embed_items(model: CNClip, coll: Collection, items: Sequence[Item], batch_si
         step(len(items))
     elif coll.modality == 'video':
         from .video import encode_videos
-        vectors, errors = encode_videos(model, [coll.read(i) for i in items], batch_size=size[0], skip_errors=True,
-                                        **video_options)
+        vectors, errors = _with_backoff(
+            lambda b, s: encode_videos(model, b, batch_size=s, skip_errors=True, **video_options),
+            [coll.read(i) for i in items], size)
         bad = {index: reason for index, _, reason in errors}
         done = [i for n, i in enumerate(items) if n not in bad]
         failed = [_failure(items[n], reason) for n, reason in sorted(bad.items())]

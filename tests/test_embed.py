@@ -214,3 +214,21 @@ def test_ray_engine_writes_the_same_embeddings(plugin_vit_dir: Path, photo_dir: 
     a, b = load_embeddings(local), load_embeddings(out)
     assert a.ids == b.ids and a.failed == b.failed
     np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-5)
+
+
+def test_video_folder(model, tmp_path: Path) -> None:
+    pytest.importorskip('decord')
+    pytest.importorskip('av')
+    from test_video import textured, write_video
+    d = tmp_path / 'videos'
+    (d / 'trips').mkdir(parents=True)
+    write_video(d / 'a.mp4', textured(1, 12))
+    write_video(d / 'trips' / 'b.avi', textured(2, 20))
+    (d / 'broken.mp4').write_bytes(b'\x00\x00\x00\x18ftypmp42 truncated')
+    (d / 'still.jpg').write_bytes(b'not scanned in a video job')
+    report = embed_collection(model, d, tmp_path / 'v.emb', modality='video', num_frames=4)
+    assert (report.embedded, report.failed) == (2, 1)
+    emb = load_embeddings(tmp_path / 'v.emb')
+    assert emb.ids == ['a.mp4', 'trips/b.avi'] and emb.failed[0]['id'] == 'broken.mp4'
+    expected = model.encode_video([str(d / 'a.mp4'), str(d / 'trips' / 'b.avi')], num_frames=4).numpy()
+    np.testing.assert_allclose(emb.vectors, expected, atol=1e-5)
