@@ -104,6 +104,48 @@ def _key_value(text: str, option: str) -> tuple[str, str]:
     return key, value
 
 
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .index import Index
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise FileExistsError(f'{out} already exists; pass --overwrite to replace it, or choose another --out')
+    index = Index.build(args.embeddings, kind=args.kind, **({'nprobe': args.nprobe} if args.nprobe else {}))
+    index.save(out)
+    print(f'{out}: {len(index)} vectors, kind {index.kind} ({index.factory}), model {index.model.get("source")}')
+    return 0
+
+
+def _cmd_index_add(args: argparse.Namespace) -> int:
+    from .index import Index
+    index = Index.load(args.index)
+    added = index.add_embeddings(args.embeddings, skip_existing=args.skip_existing)
+    index.save(args.index)
+    print(f'{args.index}: added {added} vectors; it now holds {len(index)}')
+    return 0
+
+
+def _cmd_index_info(args: argparse.Namespace) -> int:
+    from .index import read_meta
+    print(json.dumps(read_meta(args.index), ensure_ascii=False, indent=2))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .index import Searcher
+    searcher = Searcher.open(args.index, model=args.model, device=args.device, precision=args.precision)
+    hits = searcher.search(args.query, k=args.top_k, kind='text' if args.text else 'image' if args.image else None)
+    if args.json:
+        for hit in hits:
+            print(json.dumps(hit.to_dict(), ensure_ascii=False))
+    else:
+        print(f'{"rank":>4}  {"score":>7}  path')
+        for hit in hits:
+            print(f'{hit.rank:>4}  {hit.score:>7.4f}  {hit.path}')
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from modelscope.trainers import build_trainer
 
@@ -217,6 +259,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--ray-address', help="Ray cluster: 'auto' on a cluster node, or ray://HEAD:10001")
     p.add_argument('--workers', type=int, help='Ray actors (default: one per GPU with --gpus-per-worker, else 1)')
     p.add_argument('--gpus-per-worker', type=float, default=0.0, help='GPUs per Ray actor (0: CPU workers)')
+
+    index_help = 'build, extend or describe a vector index of embeddings (needs faiss: modelscope_cnclip[index])'
+    isub = sub.add_parser('index', help=index_help, description=index_help).add_subparsers(
+        dest='index_command', required=True)
+    p = isub.add_parser('build', help='index an embeddings dir (exact search up to 100,000 vectors, IVF above)')
+    p.set_defaults(func=_cmd_index_build)
+    p.add_argument('embeddings', help='embeddings dir written by `cnclip embed`')
+    p.add_argument('--out', required=True, help='index dir to write')
+    p.add_argument('--kind', default='auto', help='auto (default), flat (exact), ivf, hnsw, ivfpq (compressed), '
+                                                  'or a faiss index_factory string such as "IVF1024,SQ8"')
+    p.add_argument('--nprobe', type=int, help='IVF lists searched per query (default: 3 sqrt(nlist))')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing index dir')
+    p = isub.add_parser('add', help='add an embeddings dir made by the same model to an index')
+    p.set_defaults(func=_cmd_index_add)
+    p.add_argument('index', help='index dir')
+    p.add_argument('embeddings', help='embeddings dir written by `cnclip embed`')
+    p.add_argument('--skip-existing', action='store_true', help='skip ids already in the index (default: refuse)')
+    p = isub.add_parser('info', help="print an index's meta.json (count, kind, model, params)")
+    p.set_defaults(func=_cmd_index_info)
+    p.add_argument('index', help='index dir')
+
+    p = add('search', _cmd_search, 'search an index by text or image with the model that built it')
+    p.add_argument('index', help='index dir (`cnclip index build`)')
+    p.add_argument('query', help='text, or an image file / http(s) URL (image-to-image search)')
+    p.add_argument('--top-k', type=int, default=10, help='results (default 10)')
+    p.add_argument('--json', action='store_true', help='one JSON object per hit: {"id", "path", "score"}')
+    forced = p.add_mutually_exclusive_group()
+    forced.add_argument('--text', action='store_true', help='treat the query as text even if it names a file')
+    forced.add_argument('--image', action='store_true', help='treat the query as an image')
+    p.add_argument('--model', help='model to embed the query with (default: the one the index records)')
+    p.add_argument('--device', default='cpu', help="cpu, gpu, cuda:1, ... (default cpu)")
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
 
     p = add('train', _cmd_train, 'finetune with the ModelScope trainer; work_dir/output is a plugin model dir')
     p.add_argument('model', help='model dir (any layout), weights file or ModelScope hub id')
