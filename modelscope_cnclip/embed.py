@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from .collection import Collection, Item, open_collection
-from .config import match_architecture
 from .embeddings import (
     ERRORS,
     META,
@@ -40,7 +39,7 @@ from .embeddings import (
 )
 from .inference import CNClip, load
 
-__all__ = ['EmbedReport', 'embed_collection', 'embed_items', 'model_info', 'auto_batch_size']
+__all__ = ['EmbedReport', 'embed_collection', 'embed_items', 'auto_batch_size']
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +64,6 @@ class EmbedReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def model_info(model: CNClip) -> dict[str, Any]:
-    """The ``model`` entry of embeddings and index metadata: enough to reload the model and to recognise it."""
-    return {'source': model.source, 'fingerprint': model.fingerprint,
-            'arch': match_architecture(model.config) or 'custom', 'embed_dim': model.config.embed_dim,
-            'precision': model.precision}
 
 
 def auto_batch_size(model: CNClip, modality: str) -> int:
@@ -269,7 +261,7 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
         model = load(model, device=device, precision=precision, fast_decode=fast_decode)
     out = Path(out)
     num_shards = -(-len(coll) // shard_size)
-    meta = {'model': model_info(model), 'modality': coll.modality,
+    meta = {'model': model.info(), 'modality': coll.modality,
             'input': {**coll.describe(), 'digest': ids_digest([i.id for i in coll.items])},
             'shard_size': shard_size, 'num_shards': num_shards, 'dtype': 'float32', 'normalized': True,
             'complete': False}

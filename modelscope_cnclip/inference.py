@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_strict
-from .config import CLIPConfig
+from .config import CLIPConfig, match_architecture
 from .model import CLIP
 from .sources import Checkpoint, read_source
 from .tokenizer import Tokenizer, check_texts
@@ -184,6 +184,13 @@ class CNClip:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.text_projection.dtype
+
+    def info(self) -> dict[str, Any]:
+        """``{"source", "fingerprint", "arch", "embed_dim", "precision"}``: what embeddings dirs and indexes record
+        to reload this model and to recognise it."""
+        return {'source': self.source, 'fingerprint': self.fingerprint,
+                'arch': match_architecture(self.config) or 'custom', 'embed_dim': self.config.embed_dim,
+                'precision': self.precision}
 
     @property
     def temperature(self) -> torch.Tensor:
