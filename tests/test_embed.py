@@ -232,3 +232,11 @@ def test_video_folder(model, tmp_path: Path) -> None:
     assert emb.ids == ['a.mp4', 'trips/b.avi'] and emb.failed[0]['id'] == 'broken.mp4'
     expected = model.encode_video([str(d / 'a.mp4'), str(d / 'trips' / 'b.avi')], num_frames=4).numpy()
     np.testing.assert_allclose(emb.vectors, expected, atol=1e-5)
+    # Videos are searched with the same index and Searcher as images: a frame of b finds b first.
+    pytest.importorskip('faiss')
+    from modelscope_cnclip import Index, Searcher
+    Index.build(tmp_path / 'v.emb').save(tmp_path / 'v.index')
+    frame = Image.fromarray(textured(2, 20)[10])
+    hits = Searcher.open(tmp_path / 'v.index', model=model).search(frame, k=2)
+    assert [h.id for h in hits] == ['trips/b.avi', 'a.mp4']
+    assert hits[0].path == str((d / 'trips' / 'b.avi').resolve())
