@@ -71,6 +71,22 @@ def timed(fn: Callable[[], Any], reps: int) -> float:
     return min(times)
 
 
+def interleaved(fns: list[Callable[[], Any]], reps: int) -> list[float]:
+    """Fastest time of each of ``fns`` over ``reps`` rounds that call every one of them once (after a warm-up
+    round): unlike timing one system after another, a slow spell of a shared machine slows all systems alike."""
+    for fn in fns:
+        fn()
+    _sync()
+    best = [float('inf')] * len(fns)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            _sync()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
 def gemm_ceiling(dtype: torch.dtype, shapes: list[tuple[int, int, int]], reps: int = 3) -> float:
     """Best GFLOP/s of ``F.linear`` over ``shapes`` (M, K, N) in ``dtype``."""
     best = 0.0
@@ -248,13 +264,14 @@ def section_throughput(args: argparse.Namespace, work: Path, report: list[str]) 
     if DEVICE.type == 'cuda':
         systems.append(ours(plugin, 'fp16', args.batch))
 
+    # Round robin: every repetition times each system once, so slow phases of a shared machine hit all alike.
+    img_t = interleaved([lambda s=s: s.images(photos) for s in systems], args.reps)
+    txt_t = interleaved([lambda s=s: s.texts(queries) for s in systems], max(args.reps, 15))  # short calls
     rows = []
-    for s in systems:
-        img_s = args.batch / timed(lambda s=s: s.images(photos), args.reps)
-        txt_s = len(queries) / timed(lambda s=s: s.texts(queries), max(args.reps, 15))  # short calls: more reps
-        rows.append((s.name, img_s, txt_s))
-        logger.info('%s: %.2f images/s, %.1f texts/s', s.name, img_s, txt_s)
-        gc.collect()
+    for s, ti, tt in zip(systems, img_t, txt_t):
+        rows.append((s.name, args.batch / ti, len(queries) / tt))
+        logger.info('%s: %.2f images/s, %.1f texts/s', s.name, rows[-1][1], rows[-1][2])
+    gc.collect()
     base = next((r for r in rows if r[0].startswith('ModelScope')), None)
     # Measured again after the systems; the higher reading is kept, so the ratios are conservative.
     fp32_ceiling = max(fp32_ceiling, gemm_ceiling(torch.float32, shapes))

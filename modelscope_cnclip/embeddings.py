@@ -95,21 +95,27 @@ def write_meta(out_dir: str | Path, meta: dict[str, Any]) -> None:
     atomic_write_bytes(Path(out_dir) / META, json.dumps(meta, ensure_ascii=False, indent=2).encode('utf-8'))
 
 
+def read_format_json(path: Path, fmt: str, version: int) -> dict[str, Any]:
+    """A ``meta.json`` that declares ``{"format": fmt, "version": <= version}`` (embeddings and index dirs)."""
+    try:
+        meta = json.loads(path.read_text(encoding='utf-8'))
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: invalid JSON ({e})') from None
+    if not isinstance(meta, dict) or meta.get('format') != fmt:
+        found = meta.get('format') if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f'{path}: format {found!r}, expected {fmt!r}')
+    if meta.get('version', 0) > version:
+        raise ValueError(f'{path}: format version {meta["version"]} is newer than this plugin reads ({version}); '
+                         f'upgrade modelscope_cnclip')
+    return meta
+
+
 def read_meta(out_dir: str | Path) -> dict[str, Any]:
     """``meta.json`` of an embeddings dir; a clear error when the path is not one."""
     path = Path(out_dir) / META
     if not path.is_file():
         raise FileNotFoundError(f'{out_dir}: not an embeddings dir (no {META}); make one with `cnclip embed`')
-    try:
-        meta = json.loads(path.read_text(encoding='utf-8'))
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path}: invalid JSON ({e})') from None
-    if meta.get('format') != FORMAT:
-        raise ValueError(f'{path}: format {meta.get("format")!r}, expected {FORMAT!r}')
-    if meta.get('version', 0) > VERSION:
-        raise ValueError(f'{path}: format version {meta["version"]} is newer than this plugin reads ({VERSION}); '
-                         f'upgrade modelscope_cnclip')
-    return meta
+    return read_format_json(path, FORMAT, VERSION)
 
 
 def shard_path(out_dir: str | Path, index: int) -> Path:

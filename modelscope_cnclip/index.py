@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .embeddings import Embeddings, atomic_write_bytes, load_embeddings
+from .embeddings import Embeddings, atomic_write_bytes, load_embeddings, read_format_json
 
 if TYPE_CHECKING:
     from .inference import CNClip
@@ -575,16 +575,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             if leftovers:
                 hint = f' (a save was interrupted: the previous index is in {leftovers[-1]}; rename it to {path})'
         raise FileNotFoundError(f'{path}: not an index dir (no {META}){hint}; make one with `cnclip index build`')
-    try:
-        meta = json.loads(meta_path.read_text(encoding='utf-8'))
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{meta_path}: invalid JSON ({e})') from None
-    if meta.get('format') != FORMAT:
-        raise ValueError(f'{meta_path}: format {meta.get("format")!r}, expected {FORMAT!r}')
-    if meta.get('version', 0) > VERSION:
-        raise ValueError(f'{meta_path}: format version {meta["version"]} is newer than this plugin reads '
-                         f'({VERSION}); upgrade modelscope_cnclip')
-    return meta
+    return read_format_json(meta_path, FORMAT, VERSION)
 
 
 # --- searching with a model --------------------------------------------------------------------------------------
