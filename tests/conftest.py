@@ -1,7 +1,10 @@
 """Shared fixtures: tiny random-weight models written in every real checkpoint layout."""
 from __future__ import annotations
 
+import functools
+import http.server
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +103,15 @@ def images() -> list[Image.Image]:
         base = np.stack([np.sin(x / rs.uniform(3, 20) + c) * np.cos(y / rs.uniform(3, 20)) for c in range(3)], -1)
         out.append(Image.fromarray(((base * 0.5 + 0.5) * 255).astype(np.uint8)))
     return out
+
+
+@pytest.fixture(scope='module')
+def http_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A local http server over a temporary folder: ``(folder, base URL)``."""
+    root = tmp_path_factory.mktemp('www')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()

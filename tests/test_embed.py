@@ -172,6 +172,18 @@ def test_texts_official_and_lmdb_inputs(model, tmp_path: Path) -> None:
     np.testing.assert_allclose(load_embeddings(tmp_path / 'lmdb.emb').vectors, emb.vectors, atol=1e-6)
 
 
+def test_jsonl_of_urls(model, photo_dir: Path, tmp_path: Path, http_dir: tuple[Path, str]) -> None:
+    root, url = http_dir
+    (root / 'a.jpg').write_bytes((photo_dir / 'a.jpg').read_bytes())
+    jl = tmp_path / 'urls.jsonl'
+    jl.write_text(f'{{"id": "ok", "url": "{url}/a.jpg"}}\n{{"id": "gone", "url": "{url}/missing.jpg"}}\n')
+    report = embed_collection(model, jl, tmp_path / 'urls.emb')
+    assert (report.embedded, report.failed) == (1, 1)
+    emb = load_embeddings(tmp_path / 'urls.emb')
+    assert emb.sources == [f'{url}/a.jpg'] and emb.failed[0]['id'] == 'gone' and '404' in emb.failed[0]['error']
+    np.testing.assert_allclose(emb.vectors, model.encode_image([str(photo_dir / 'a.jpg')]).numpy(), atol=1e-6)
+
+
 def test_uri_folder(model, photo_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip('pyarrow')
     (photo_dir / 'broken.jpg').unlink()

@@ -1,8 +1,4 @@
 """Image inputs of every kind (including URLs from a local server), preprocessing semantics, tokenisation."""
-import functools
-import http.server
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -10,17 +6,6 @@ from PIL import Image
 
 from modelscope_cnclip import get_tokenizer, image_transform, load_image
 from modelscope_cnclip.config import OPENAI_MEAN, OPENAI_STD
-
-
-@pytest.fixture(scope='module')
-def http_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp('www')
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f'http://127.0.0.1:{server.server_address[1]}'
-    server.shutdown()
 
 
 def test_every_input_kind_gives_identical_pixels(images, tmp_path, http_dir):
