@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add('eval', _cmd_eval, 'text-to-image and image-to-text retrieval R@1/5/10 and MR (official scoring)')
     p.add_argument('model', help='model dir (any layout), weights file or ModelScope hub id')
-    p.add_argument('--data', required=True, help='dir with {split}_imgs.tsv and {split}_texts.jsonl')
+    p.add_argument('--data', required=True,
+                   help='dir with {split}_imgs.tsv and {split}_texts.jsonl, or their LMDB form')
     p.add_argument('--split', default='valid', help='default valid')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--device', default='cpu', help="cpu, gpu, cuda:1, ... (default cpu)")

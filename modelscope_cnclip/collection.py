@@ -261,11 +261,7 @@ def _official_collection(path: Path, kind: str, split: str, modality: str) -> Co
         items = [Item(str(i), f'{path}#{split}/{i}') for i in reader.image_ids]
         mod = 'image'
     elif modality == 'text':
-        if kind == 'official':
-            texts = [(t.text_id, t.text) for t in reader.texts]
-        else:
-            texts = list(dict.fromkeys((text_id, text) for text_id, text, _ in reader.pairs()))
-        items = [Item(str(i), t) for i, t in texts]
+        items = [Item(str(t.text_id), t.text) for t in reader.texts]
         mod = 'text'
     else:
         raise ValueError(f'{path}: official data holds images and texts, not {modality}s')

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 from PIL import Image, ImageDraw
 
-__all__ = ['TextRecord', 'OfficialSplit', 'read_texts_jsonl', 'write_official_split', 'make_synthetic_split',
-           'LmdbSplit', 'write_lmdb_split']
+__all__ = ['TextRecord', 'OfficialSplit', 'open_split', 'read_texts_jsonl', 'write_official_split',
+           'make_synthetic_split', 'LmdbSplit', 'write_lmdb_split']
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,23 @@ class LmdbSplit:
         """Every (text_id, text, image_id) pair, like :meth:`OfficialSplit.pairs`."""
         for image_id, text_id, text in self.pairs_list:
             yield text_id, text, image_id
+
+    @property
+    def texts(self) -> list[TextRecord]:
+        """The split's texts with all their images, in order of first appearance (like the jsonl's records)."""
+        grouped: dict = {}
+        for image_id, text_id, text in self.pairs_list:
+            grouped.setdefault(text_id, (text, []))[1].append(image_id)
+        return [TextRecord(t, text, tuple(dict.fromkeys(ids))) for t, (text, ids) in grouped.items()]
+
+
+def open_split(data_dir: str | Path, split: str) -> OfficialSplit | LmdbSplit:
+    """The ``split`` of an official-format dir: ``{split}_imgs.tsv`` + ``{split}_texts.jsonl``, or the LMDB form
+    ``{split}/imgs`` + ``{split}/pairs``."""
+    d = Path(data_dir)
+    if (d / split / 'imgs').is_dir() and (d / split / 'pairs').is_dir() and not (d / f'{split}_imgs.tsv').is_file():
+        return LmdbSplit(d, split)
+    return OfficialSplit(d, split)
 
 
 def write_lmdb_split(split: OfficialSplit, lmdb_dir: str | Path, name: str) -> None:

@@ -122,14 +122,15 @@ def inbatch_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence
 
 def evaluate_split(model, data_dir: str, split: str = 'valid', batch_size: int = 64,
                    predictions_dir: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
-    """Embed an official-format split with ``model`` (a :class:`modelscope_cnclip.CNClip`) and score it.
+    """Embed an official-format split (tsv + jsonl, or its LMDB form) with ``model`` (a
+    :class:`modelscope_cnclip.CNClip`) and score it.
 
     With ``predictions_dir``, also write the official files there: ``{split}_predictions.jsonl`` (text-to-image
     top 10), ``{split}_tr_predictions.jsonl`` (image-to-text top 10, every image) and ``{split}_texts.tr.jsonl``
     (the image-to-text ground truth), ready for :func:`score_predictions` or the official scorers.
     """
-    from .data import OfficialSplit
-    data = OfficialSplit(data_dir, split)
+    from .data import open_split
+    data = open_split(data_dir, split)
     ids = data.image_ids
     image_emb = model.encode_image([data.image_bytes(i) for i in ids], batch_size=batch_size).cpu()
     text_emb = model.encode_text([t.text for t in data.texts], batch_size=batch_size).cpu()

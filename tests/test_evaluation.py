@@ -81,6 +81,11 @@ def test_generated_dataset_and_cli_eval(tmp_path, plugin_vit_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {'t2i', 'i2t'} and set(out['t2i']) == {'r1', 'r5', 'r10', 'mr'}
     assert 0 <= out['t2i']['r1'] <= out['t2i']['r5'] <= out['t2i']['r10'] <= 100
+    pytest.importorskip('lmdb')
+    from modelscope_cnclip.data import write_lmdb_split
+    write_lmdb_split(split, tmp_path / 'lmdb', 'valid')  # the official LMDB form of the same split scores the same
+    assert main(['eval', str(plugin_vit_dir), '--data', str(tmp_path / 'lmdb'), '--split', 'valid']) == 0
+    assert json.loads(capsys.readouterr().out) == out
 
 
 # --- the official prediction files and scorer ------------------------------------------------------------------------
