@@ -112,11 +112,13 @@ def read_config(source: str | os.PathLike | None) -> tuple[CLIPConfig | None, Pa
     d = Path(source) if source is not None else None
     if d is None or not d.is_dir():
         return None, DEFAULT_VOCAB
-    layout = _dir_layout(d)
-    cfg = {'plugin': lambda: CLIPConfig.from_file(d / PLUGIN_CONFIG),
+    return _declared_config(d, _dir_layout(d)), _vocab_in(d)
+
+
+def _declared_config(d: Path, layout: str) -> CLIPConfig | None:
+    return {'plugin': lambda: CLIPConfig.from_file(d / PLUGIN_CONFIG),
            'hub': lambda: config_from_hub(_read_json(d / HUB_FILES[0]), _read_json(d / HUB_FILES[1]), where=str(d)),
            'hf': lambda: _hf_config(d)}.get(layout, lambda: None)()
-    return cfg, _vocab_in(d)
 
 
 _WEIGHT_FILES = {  # per dir layout, the weights file names in order of preference
@@ -138,7 +140,7 @@ def _read_dir(d: Path, config: CLIPConfig | None) -> Checkpoint:
             f'{d} is not a Chinese CLIP model dir: expected {PLUGIN_CONFIG} (plugin), {list(HUB_FILES)} '
             f'(ModelScope hub), a config.json of model_type chinese_clip (Hugging Face), or a single weights '
             f'file ({e})') from None
-    declared, vocab = read_config(d)
+    declared, vocab = _declared_config(d, layout), _vocab_in(d)
     sd, detected = to_official(read_checkpoint(weights))
     ckpt_layout = layout if layout != 'weights-only' else ('hf' if detected == 'hf' else 'official')
     return Checkpoint(sd, config or declared or infer_config(sd), vocab, ckpt_layout, str(d))
