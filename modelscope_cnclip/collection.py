@@ -11,12 +11,12 @@ model's preprocessing takes: a path or URL string, encoded bytes, or the text it
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .data import read_jsonl
 from .video import VIDEO_EXTENSIONS
 
 __all__ = ['Item', 'Collection', 'open_collection', 'IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS', 'MODALITIES']
@@ -144,17 +144,10 @@ def _pick(row: Mapping[str, Any], role: str, columns: Mapping[str, str]) -> str 
 def _table_rows(path: Path) -> list[dict[str, Any]]:
     if path.suffix == '.jsonl':
         rows = []
-        with open(path, encoding='utf-8') as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f'{path}:{n}: not a JSON object ({e})') from None
-                if not isinstance(row, dict):
-                    raise ValueError(f'{path}:{n}: expected a JSON object per line, got {type(row).__name__}')
-                rows.append({**row, '_line': n})
+        for n, row in read_jsonl(path):
+            if not isinstance(row, dict):
+                raise ValueError(f'{path}:{n}: expected a JSON object per line, got {type(row).__name__}')
+            rows.append({**row, '_line': n})
         return rows
     delimiter = '\t' if path.suffix == '.tsv' else ','
     with open(path, encoding='utf-8', newline='') as f:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from PIL import Image, ImageDraw
 
-__all__ = ['TextRecord', 'OfficialSplit', 'open_split', 'read_texts_jsonl', 'write_official_split',
+__all__ = ['TextRecord', 'OfficialSplit', 'open_split', 'read_jsonl', 'read_texts_jsonl', 'write_official_split',
            'make_synthetic_split', 'LmdbSplit', 'write_lmdb_split']
 
 logger = logging.getLogger(__name__)
@@ -33,21 +33,34 @@ class TextRecord:
     image_ids: tuple
 
 
-def read_texts_jsonl(path: str | Path) -> list[TextRecord]:
-    """Read ``{split}_texts.jsonl``; errors name the file and line."""
-    records = []
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """``(line number, parsed JSON)`` of each non-blank line of a jsonl file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path} not found')
+    out = []
     with open(path, encoding='utf-8') as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-                rec = TextRecord(obj['text_id'], obj['text'], tuple(obj.get('image_ids', ())))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f'{path}:{n}: expected {{"text_id", "text", "image_ids"}} JSON ({e})') from None
-            if not isinstance(rec.text, str):
-                raise ValueError(f'{path}:{n}: "text" must be a string')
-            records.append(rec)
+                out.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{path}:{n}: not a JSON object ({e})') from None
+    return out
+
+
+def read_texts_jsonl(path: str | Path) -> list[TextRecord]:
+    """Read ``{split}_texts.jsonl``; errors name the file and line."""
+    records = []
+    for n, obj in read_jsonl(path):
+        try:
+            rec = TextRecord(obj['text_id'], obj['text'], tuple(obj.get('image_ids', ())))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f'{path}:{n}: expected {{"text_id", "text", "image_ids"}} JSON ({e!r})') from None
+        if not isinstance(rec.text, str):
+            raise ValueError(f'{path}:{n}: "text" must be a string')
+        records.append(rec)
     return records
 
 

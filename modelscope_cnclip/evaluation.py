@@ -20,6 +20,8 @@ from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import torch
 
+from .data import open_split, read_jsonl
+
 __all__ = ['retrieval_metrics', 'inbatch_recall', 'topk_hits', 'evaluate_split', 'topk_predictions',
            'write_predictions', 't2i_to_i2t', 'score_predictions']
 
@@ -129,7 +131,6 @@ def evaluate_split(model, data_dir: str, split: str = 'valid', batch_size: int =
     top 10), ``{split}_tr_predictions.jsonl`` (image-to-text top 10, every image) and ``{split}_texts.tr.jsonl``
     (the image-to-text ground truth), ready for :func:`score_predictions` or the official scorers.
     """
-    from .data import open_split
     data = open_split(data_dir, split)
     ids = data.image_ids
     image_emb = model.encode_image([data.image_bytes(i) for i in ids], batch_size=batch_size).cpu()
@@ -210,29 +211,13 @@ def t2i_to_i2t(ground_truth: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
     return [{'image_id': i, 'text_ids': t} for i, t in by_image.items()]
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    """``(line number, parsed JSON)`` of each non-blank line; errors name the file and line."""
-    if not path.is_file():
-        raise FileNotFoundError(f'{path} not found')
-    out = []
-    with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f'{path}:{n}: not a JSON object ({e})') from None
-    return out
-
-
 def _read_ground_truth(path: str | os.PathLike, direction: str = 't2i') -> dict[Hashable, tuple[list, int]]:
     """Read a ground-truth jsonl as the official scorers do: ``{query id: (correct ids, line number)}`` (a repeated
     query keeps its last line). For ``'i2t'`` a text-to-image file (the split's texts jsonl) is transformed with
     :func:`t2i_to_i2t`, so the split's own texts file serves both directions."""
     path = Path(path)
     query_key, cand_key = _keys(direction)
-    lines = _read_jsonl(path)
+    lines = read_jsonl(path)
     if not lines:
         raise ValueError(f'{path}: empty ground truth')
     if direction == 'i2t' and isinstance(lines[0][1], dict) and 'text_id' in lines[0][1]:
@@ -257,7 +242,7 @@ def _read_predictions(path: Path, direction: str, k: int) -> dict[Hashable, list
     query_key, cand_key = KEYS[direction]
     out: dict[Hashable, list] = {}
     where: dict[Hashable, int] = {}
-    for n, obj in _read_jsonl(path):
+    for n, obj in read_jsonl(path):
         at = f'{path}:{n}'
         if not isinstance(obj, dict) or query_key not in obj:
             raise ValueError(f'{at}: no "{query_key}" (each line is {{"{query_key}": int, "{cand_key}": [...]}})')
