@@ -15,11 +15,10 @@ import logging
 import os
 import shutil
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from .embeddings import (
     write_shard,
 )
 from .inference import CNClip, load
+from .transform import map_ahead
 
 __all__ = ['EmbedReport', 'embed_collection', 'embed_items', 'auto_batch_size']
 
@@ -97,29 +97,14 @@ def _failure(item: Item, error: BaseException | str) -> dict[str, str]:
 
 
 def _decoded(model: CNClip, coll: Collection, items: Sequence[Item], pool: ThreadPoolExecutor | None,
-             ahead: int) -> Any:
+             ahead: int) -> Iterator[tuple[Item, Any]]:
     """Yield ``(item, uint8 array | exception)`` in order, decoding up to ``ahead`` items ahead in ``pool``."""
-    def load(item: Item) -> Any:
+    def load(item: Item) -> tuple[Item, Any]:
         try:
-            return model.transform.load(coll.read(item))
+            return item, model.transform.load(coll.read(item))
         except Exception as e:  # any decoder failure is a per-input error, reported with its id
-            return e
-    if pool is None:
-        for item in items:
-            yield item, load(item)
-        return
-    pending: deque[tuple[Item, Future]] = deque()
-    it = iter(items)
-    for item in it:
-        pending.append((item, pool.submit(load, item)))
-        if len(pending) >= ahead:
-            break
-    while pending:
-        item, fut = pending.popleft()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append((nxt, pool.submit(load, nxt)))
-        yield item, fut.result()
+            return item, e
+    return map_ahead(load, items, pool, ahead)
 
 
 def embed_items(model: CNClip, coll: Collection, items: Sequence[Item], batch_size: int | list[int],

@@ -7,9 +7,10 @@ import io
 import os
 import urllib.request
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -17,11 +18,29 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import PreprocessConfig
 
-__all__ = ['ImageInput', 'load_image', 'ImageTransform', 'image_transform']
+__all__ = ['ImageInput', 'load_image', 'ImageTransform', 'image_transform', 'map_ahead']
 
 ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray, np.ndarray]
 _RESAMPLE = {'bicubic': Image.Resampling.BICUBIC, 'bilinear': Image.Resampling.BILINEAR}
 _ACCEPTED = 'a PIL image, a file path, a pathlib.Path, an http(s) URL, raw bytes or a numpy HxWxC uint8 array'
+T = TypeVar('T')
+R = TypeVar('R')
+
+
+def map_ahead(fn: Callable[[T], R], items: Iterable[T], pool: Executor | None, ahead: int) -> Iterator[R]:
+    """``map(fn, items)`` in order, with up to ``ahead`` calls running ahead in ``pool`` (serially without one),
+    so input work (decoding, resizing: PIL and decord release the GIL) overlaps what the caller does with each
+    result. An exception of ``fn`` is raised when its result is reached."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    it = iter(items)
+    pending = deque(pool.submit(fn, x) for x in islice(it, max(1, ahead)))
+    while pending:
+        fut = pending.popleft()
+        for x in islice(it, 1):
+            pending.append(pool.submit(fn, x))
+        yield fut.result()
 
 
 def _describe(obj: Any) -> str:
@@ -149,22 +168,17 @@ class ImageTransform:
         PIL releases the GIL while it decodes and resizes. Errors name the index of the failing input."""
         items = list(images)
         threads = num_threads or min(8, os.cpu_count() or 1)
-        if threads <= 1 or len(items) <= 1:
+        pool = ThreadPoolExecutor(threads, thread_name_prefix='cnclip-decode') if threads > 1 and len(items) > 1 \
+            else None
+        try:
+            arrays = map_ahead(lambda ix: self.load(ix[1], ix[0]), enumerate(items), pool,
+                               batch_size * (prefetch + 1))
             for start in range(0, len(items), batch_size):
-                chunk = items[start:start + batch_size]
-                yield self.normalize(torch.from_numpy(np.stack([self.load(x, start + i) for i, x in enumerate(chunk)])))
-            return
-        with ThreadPoolExecutor(threads, thread_name_prefix='cnclip-decode') as pool:
-            pending: deque[Future] = deque()
-            submitted = 0
-            ahead = batch_size * (prefetch + 1)
-            for start in range(0, len(items), batch_size):
-                while submitted < min(len(items), start + ahead):
-                    pending.append(pool.submit(self.load, items[submitted], submitted))
-                    submitted += 1
                 n = min(batch_size, len(items) - start)
-                arrays = [pending.popleft().result() for _ in range(n)]
-                yield self.normalize(torch.from_numpy(np.stack(arrays)))
+                yield self.normalize(torch.from_numpy(np.stack([next(arrays) for _ in range(n)])))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 def image_transform(cfg: PreprocessConfig | None = None, image_size: int | None = None,

@@ -19,10 +19,8 @@ import math
 import os
 import re
 import urllib.request
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from itertools import islice
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence, Union
@@ -32,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .transform import ImageTransform
+from .transform import ImageTransform, map_ahead
 
 if TYPE_CHECKING:
     from .inference import CNClip
@@ -320,19 +318,10 @@ def _read_ahead(videos: Sequence[VideoInput], load: Callable[[VideoInput], np.nd
             return e
 
     if num_workers <= 1 or len(videos) <= 1:
-        for i, video in enumerate(videos):
-            yield i, video, attempt(video)
+        yield from ((i, v, attempt(v)) for i, v in enumerate(videos))
         return
     with ThreadPoolExecutor(num_workers, thread_name_prefix='cnclip-video') as pool:
-        todo = iter(enumerate(videos))
-        pending: deque[tuple[int, VideoInput, Future]] = deque(
-            (i, v, pool.submit(attempt, v)) for i, v in islice(todo, ahead))
-        while pending:
-            i, video, fut = pending.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((nxt[0], nxt[1], pool.submit(attempt, nxt[1])))
-            yield i, video, fut.result()
+        yield from map_ahead(lambda iv: (*iv, attempt(iv[1])), enumerate(videos), pool, ahead)
 
 
 def _indexed(e: Exception, i: int) -> Exception:
