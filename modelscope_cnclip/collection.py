@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .data import read_jsonl
+from .data import open_split, parse_id, read_jsonl
 from .video import VIDEO_EXTENSIONS
 
 __all__ = ['Item', 'Collection', 'open_collection', 'IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS', 'MODALITIES']
@@ -75,21 +75,18 @@ class Collection:
         if self.modality == 'text':
             return item.source
         if self.kind == 'official' or self.kind == 'lmdb':
-            return self._split().image_bytes(_official_id(item.id))
+            return self._open().image_bytes(parse_id(item.id))
         if self.kind == 'uri':
-            return _uri_bytes(item.source)
+            filesystem, base = self._open()
+            with filesystem.open_input_file(f'{base.rstrip("/")}/{item.id}') as f:
+                return f.read()
         return item.source
 
-    def _split(self) -> Any:
+    def _open(self) -> Any:
+        """The split reader (official/LMDB data) or ``(filesystem, base path)`` (URIs), opened once per process."""
         if self._reader is None:
-            from .data import LmdbSplit, OfficialSplit
-            cls = OfficialSplit if self.kind == 'official' else LmdbSplit
-            self._reader = cls(self.location, self.split)
+            self._reader = _uri_fs(self.location) if self.kind == 'uri' else open_split(self.location, self.split)
         return self._reader
-
-
-def _official_id(raw: str) -> int | str:
-    return int(raw) if raw.isdigit() else raw
 
 
 def _has_ext(name: str, exts: tuple[str, ...]) -> bool:
@@ -127,12 +124,6 @@ def _scan_uri(uri: str, exts: tuple[str, ...]) -> list[Item]:
                 not any(part.startswith('.') for part in rel.split('/')):
             items.append(Item(rel, f'{prefix}/{rel}'))
     return sorted(items, key=lambda i: i.id)
-
-
-def _uri_bytes(uri: str) -> bytes:
-    filesystem, path = _uri_fs(uri)
-    with filesystem.open_input_file(path) as f:
-        return f.read()
 
 
 def _pick(row: Mapping[str, Any], role: str, columns: Mapping[str, str]) -> str | None:
@@ -248,8 +239,7 @@ def _official_form(path: Path, split: str | None) -> tuple[str, str] | None:
 
 
 def _official_collection(path: Path, kind: str, split: str, modality: str) -> Collection:
-    from .data import LmdbSplit, OfficialSplit
-    reader = OfficialSplit(path, split) if kind == 'official' else LmdbSplit(path, split)
+    reader = open_split(path, split)
     if modality in ('auto', 'image'):
         items = [Item(str(i), f'{path}#{split}/{i}') for i in reader.image_ids]
         mod = 'image'

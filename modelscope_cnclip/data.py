@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 from PIL import Image, ImageDraw
 
-__all__ = ['TextRecord', 'OfficialSplit', 'open_split', 'read_jsonl', 'read_texts_jsonl', 'write_official_split',
-           'make_synthetic_split', 'LmdbSplit', 'write_lmdb_split']
+__all__ = ['TextRecord', 'OfficialSplit', 'open_split', 'parse_id', 'read_jsonl', 'read_texts_jsonl',
+           'write_official_split', 'make_synthetic_split', 'LmdbSplit', 'write_lmdb_split']
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class OfficialSplit:
                 key, sep, _ = line.partition(b'\t')
                 if not sep:
                     raise ValueError(f'{self.imgs_path}:{n}: expected "image_id<TAB>base64"')
-                image_id = _parse_id(key.decode('utf-8').strip())
+                image_id = parse_id(key.decode('utf-8').strip())
                 self._offsets[image_id] = offset
                 offset += len(line)
         unknown = sorted({i for t in self.texts for i in t.image_ids if i not in self._offsets}, key=str)
@@ -116,7 +116,8 @@ class OfficialSplit:
                 yield t.text_id, t.text, image_id
 
 
-def _parse_id(raw: str) -> int | str:
+def parse_id(raw: str) -> int | str:
+    """An image id as the official tools key it: an int when all digits, else the string."""
     return int(raw) if raw.isdigit() else raw
 
 
@@ -195,7 +196,7 @@ class LmdbSplit:
         """Every image id in the imgs database, in key order (the ``num_images`` count key left out)."""
         with _lmdb_env(self._imgs_path).begin() as txn:
             keys = [k.decode('utf-8') for k in txn.cursor().iternext(keys=True, values=False)]
-        return [_parse_id(k) for k in keys if k != 'num_images']
+        return [parse_id(k) for k in keys if k != 'num_images']
 
     def image_bytes(self, image_id: int | str) -> bytes:
         with _lmdb_env(self._imgs_path).begin() as txn:
