@@ -199,9 +199,10 @@ def _check_same_job(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None
 
 
 def _finish(out: Path, meta: dict[str, Any]) -> tuple[int, int]:
-    """Write ``errors.jsonl`` and the final meta from the shards on disk; returns (embedded, failed)."""
+    """Write ``errors.jsonl`` and the final meta from the shards on disk (their ids and failures; the vectors are
+    not read); returns (embedded, failed)."""
     embedded, failures = 0, []
-    for _, (ids, _sources, _vectors, failed) in iter_shards(out):
+    for _, (ids, _sources, _vectors, failed) in iter_shards(out, vectors=False):
         embedded += len(ids)
         failures += failed
     lines = ''.join(json.dumps(f, ensure_ascii=False) + '\n' for f in failures)
@@ -252,7 +253,8 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
             'complete': False}
     resumed = [k for k in _prepare_out(out, meta, overwrite) if k < num_shards]
     write_meta(out, meta)
-    todo = [k for k in range(num_shards) if k not in set(resumed)]
+    written = set(resumed)
+    todo = [k for k in range(num_shards) if k not in written]
     if resumed:
         logger.info('%s: %d of %d shards already written; embedding the other %d', out, len(resumed), num_shards,
                     len(todo))

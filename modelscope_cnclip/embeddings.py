@@ -149,21 +149,25 @@ def write_shard(out_dir: str | Path, index: int, ids: Sequence[str], sources: Se
     return path
 
 
-def read_shard(path: str | Path) -> tuple[list[str], list[str], np.ndarray, list[dict[str, str]]]:
-    """``(ids, sources, vectors, failed)`` of one shard file."""
+def read_shard(path: str | Path, vectors: bool = True
+               ) -> tuple[list[str], list[str], np.ndarray | None, list[dict[str, str]]]:
+    """``(ids, sources, vectors, failed)`` of one shard file; ``vectors=False`` skips reading the vectors (the
+    bulk of the file) and returns ``None`` for them."""
     try:
         with np.load(path, allow_pickle=False) as z:
             failed = [{'id': str(i), 'source': str(s), 'error': str(e)}
                       for i, s, e in zip(z['failed_ids'], z['failed_sources'], z['errors'])]
-            return [str(i) for i in z['ids']], [str(s) for s in z['sources']], z['vectors'], failed
+            return ([str(i) for i in z['ids']], [str(s) for s in z['sources']], z['vectors'] if vectors else None,
+                    failed)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f'{path}: not a readable embeddings shard ({e}); delete it and rerun the job to '
                          f'recompute it') from None
 
 
-def iter_shards(out_dir: str | Path) -> Iterator[tuple[int, tuple]]:
+def iter_shards(out_dir: str | Path, vectors: bool = True) -> Iterator[tuple[int, tuple]]:
+    """``(index, read_shard(...))`` of every complete shard, in order."""
     for k in existing_shards(out_dir):
-        yield k, read_shard(shard_path(out_dir, k))
+        yield k, read_shard(shard_path(out_dir, k), vectors)
 
 
 def load_embeddings(path: str | Path, allow_incomplete: bool = False) -> Embeddings:
