@@ -94,6 +94,23 @@ def test_embed_folder_matches_encode_image_and_reports_failures(model, photo_dir
     assert emb.sources[0] == str(photo_dir / 'a.jpg')
 
 
+def test_batches_sized_by_the_user_or_automatically(model, photo_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[int] = []
+    real = model.encode_image
+
+    def spy(pixels, batch_size):
+        sizes.append(len(pixels))
+        return real(pixels, batch_size=batch_size)
+    monkeypatch.setattr(model, 'encode_image', spy)
+    embed_collection(model, photo_dir, tmp_path / 'a.emb', batch_size=3)
+    assert sizes == [3, 3, 1]  # 7 readable images
+    sizes.clear()
+    assert embed_mod.auto_batch_size(model, 'image') == 16 and embed_mod.auto_batch_size(model, 'text') == 64
+    embed_collection(model, photo_dir, tmp_path / 'b.emb')
+    assert sizes == [7]
+
+
 def test_resume_skips_written_shards_and_gives_the_same_result(model, photo_dir: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     full = tmp_path / 'full.emb'

@@ -33,6 +33,7 @@ heavy = ('timm', 'torchvision', 'cv2', 'librosa', 'fairseq', 'decord', 'modelsco
          'modelscope.pipelines.multi_modal.')  # the subpackages themselves are lazy placeholders
 print(json.dumps({
     'heavy': [m for m in sys.modules if m.startswith(heavy)],
+    'optional': [m for m in ('faiss', 'ray', 'decord', 'av') if m in sys.modules],  # extras load on first use
     'model': MODELS.get('cnclip', 'multi-modal-embedding') is not None,
     'model_itr': MODELS.get('cnclip', 'image-text-retrieval') is not None,
     'pipeline': PIPELINES.get('cnclip-multi-modal-embedding', 'multi-modal-embedding') is not None,
@@ -41,8 +42,8 @@ print(json.dumps({
 }))
 ''')
     got = json.loads(out.strip().splitlines()[-1])
-    assert got == {'heavy': [], 'model': True, 'model_itr': True, 'pipeline': True, 'pipeline_itr': True,
-                   'preprocessor': True}
+    assert got == {'heavy': [], 'optional': [], 'model': True, 'model_itr': True, 'pipeline': True,
+                   'pipeline_itr': True, 'preprocessor': True}
 
 
 def test_python_dash_m_entry_point():
