@@ -171,6 +171,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='cnclip', description='Chinese CLIP for ModelScope.')
     parser.add_argument('-v', '--verbose', action='store_true', help='log progress (INFO level)')
+    parser.add_argument('--max-image-pixels', metavar='N',
+                        help='refuse images with more pixels than N (a decompression-bomb guard; default: PIL\'s '
+                             '89478485; "none" for no limit); also read from CNCLIP_MAX_IMAGE_PIXELS')
     sub = parser.add_subparsers(dest='command', required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
@@ -320,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format='%(levelname)s %(name)s: %(message)s')
     try:
+        if args.max_image_pixels is not None:
+            from .transform import set_max_image_pixels
+            set_max_image_pixels(args.max_image_pixels)
         return args.func(args)
     except (ValueError, TypeError, ImportError, OSError) as e:
         if args.verbose:

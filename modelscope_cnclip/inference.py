@@ -14,10 +14,10 @@ from .config import CLIPConfig, match_architecture
 from .model import CLIP
 from .sources import Checkpoint, read_source
 from .tokenizer import Tokenizer, check_texts
-from .transform import ImageInput, ImageTransform
+from .transform import ImageInput, ImageTransform, as_image_batch
 
 __all__ = ['PRECISIONS', 'resolve_device', 'resolve_dtype', 'build_model', 'encode_images', 'encode_texts',
-           'CNClip', 'load']
+           'check_token_ids', 'as_image_batch', 'as_text_batch', 'CNClip', 'load']
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +67,6 @@ def build_model(ckpt: Checkpoint) -> CLIP:
     return model.float().eval()
 
 
-def as_image_batch(images: Any) -> list | torch.Tensor:
-    """One image input, a list of them, or pixels: as a list of inputs or an ``(N, 3, R, R)`` tensor."""
-    if isinstance(images, torch.Tensor):
-        return images.unsqueeze(0) if images.dim() == 3 else images
-    return list(images) if isinstance(images, (list, tuple)) else [images]
-
-
 def as_text_batch(texts: Any) -> Any:
     """A str, a list of str, or token ids; ``(L,)`` ids become ``(1, L)``."""
     if isinstance(texts, torch.Tensor) and texts.dim() == 1:
@@ -85,18 +78,47 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def check_token_ids(ids: torch.Tensor, config: CLIPConfig, tokenizer: Tokenizer | None = None) -> torch.Tensor:
+    """Check ``(N, L)`` token ids before they reach the text tower (whose own errors are index errors from deep
+    inside BERT); returns them unchanged. ``[PAD]=0`` marks padding.
+
+    Raises:
+        TypeError: not an integer tensor. ValueError: not 2-d, longer than the text tower's positions, or ids
+        outside the vocabulary.
+    """
+    text, fix = config.text, 'tokenize texts with model.tokenizer(texts)'
+    if tokenizer is not None:
+        fix += f' (which truncates to the context length {tokenizer.context_length})'
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f'text: token ids must be an integer tensor, got {ids.dtype}; {fix}')
+    if ids.dim() != 2:
+        raise ValueError(f'text: token ids must be (N, L), got {tuple(ids.shape)}')
+    if ids.shape[1] > text.max_position_embeddings:
+        raise ValueError(f'text: token ids are {ids.shape[1]} long, but the text tower has '
+                         f'{text.max_position_embeddings} positions; {fix}, or cut each row to at most '
+                         f'{text.max_position_embeddings} ids ending with [SEP]=102')
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= text.vocab_size):
+        raise ValueError(f'text: token ids must lie in [0, {text.vocab_size}) (the vocabulary), got values '
+                         f'{int(ids.min())}..{int(ids.max())}; {fix}')
+    return ids
+
+
 @torch.inference_mode()
 def encode_images(model: CLIP, transform: ImageTransform, images: Sequence[ImageInput] | torch.Tensor,
                   batch_size: int = DEFAULT_BATCH, normalize: bool = True, num_threads: int = 0) -> torch.Tensor:
-    """Embed images (inputs or an ``(N, 3, R, R)`` pixel tensor) -> ``(N, D)`` float32 on the model's device.
+    """Embed images (inputs or an ``(N, 3, R, R)`` float pixel tensor) -> ``(N, D)`` float32 on the model's device.
 
     Inputs are decoded and resized in ``num_threads`` threads (0: one per CPU, at most 8), batches ahead of
     the model, so input work overlaps compute.
+
+    Raises:
+        ValueError / TypeError / FileNotFoundError / OSError: ``img[i]: ...`` naming the first input that cannot be
+        read (not an image, above the pixel limit, a float image, ...); a pixel tensor of the wrong shape or dtype
+        (see :meth:`ImageTransform.check_pixels`).
     """
     device = model.text_projection.device
     if isinstance(images, torch.Tensor):
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f'img: a pixel tensor must be (N, 3, R, R), got {tuple(images.shape)}')
+        transform.check_pixels(images)
         batches = (images[s] for s in _chunks(len(images), batch_size))
     else:
         batches = transform.batches(list(images), batch_size, num_threads)
@@ -114,8 +136,7 @@ def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: str | Sequence[str] |
     """
     device = model.text_projection.device
     if isinstance(texts, torch.Tensor):
-        if texts.dim() != 2:
-            raise ValueError(f'text: token ids must be (N, L), got {tuple(texts.shape)}')
+        check_token_ids(texts, model.config, tokenizer)
         outs = [model.encode_text(texts[s].to(device)).float() for s in _chunks(len(texts), batch_size)]
         feats = torch.cat(outs) if outs else torch.empty(0, model.config.embed_dim, device=device)
     else:
@@ -199,12 +220,14 @@ class CNClip:
 
     def encode_image(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor,
                      batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
-        """L2-normalised image embeddings ``(N, D)`` of one image input, a list of them, or pixels
-        (``(3, R, R)`` or ``(N, 3, R, R)``)."""
+        """L2-normalised image embeddings ``(N, D)`` of one image input, a list of them, a uint8 batch
+        (``(N, H, W, C)`` or ``(N, C, H, W)`` array or tensor), or normalised float pixels (``(3, R, R)`` or
+        ``(N, 3, R, R)`` at the model's ``R``). Errors name the failing input as ``img[i]``."""
         return encode_images(self.model, self.transform, as_image_batch(images), batch_size)
 
     def encode_text(self, texts: str | Sequence[str] | torch.Tensor, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
-        """L2-normalised text embeddings ``(N, D)`` of a str, a list of str, or token ids (``(L,)`` or ``(N, L)``)."""
+        """L2-normalised text embeddings ``(N, D)`` of a str, a list of str, or token ids (``(L,)`` or ``(N, L)``,
+        integers in the vocabulary, at most the text tower's positions long; see :func:`check_token_ids`)."""
         return encode_texts(self.model, self.tokenizer, as_text_batch(texts), batch_size)
 
     def encode_video(self, videos: Any, num_frames: int = 8, mode: str = 'uniform', sample_fps: float = 1.0,

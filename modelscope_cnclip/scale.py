@@ -19,6 +19,7 @@ import torch
 
 from .collection import Collection
 from .inference import CNClip
+from .transform import max_image_pixels
 
 __all__ = ['run_ray', 'ShardWorker']
 
@@ -30,8 +31,10 @@ class ShardWorker:
 
     def __init__(self, source: str, fingerprint: str, device: str, precision: str, fast_decode: bool,
                  coll: Collection, out: str, shard_size: int, batch_size: int, num_threads: int,
-                 video_options: Mapping[str, Any]) -> None:
+                 video_options: Mapping[str, Any], max_image_pixels: int | None = None) -> None:
         from .inference import load
+        from .transform import set_max_image_pixels
+        set_max_image_pixels(max_image_pixels)  # the driver's limit, also on nodes that did not inherit its env
         if device == 'cuda' and not torch.cuda.is_available():
             raise RuntimeError('this Ray worker was given no GPU; pass gpus_per_worker > 0 for CUDA models')
         self.model = load(source, device=device, precision=precision, fast_decode=fast_decode)
@@ -79,7 +82,8 @@ def run_ray(model: CNClip, coll: Collection, out: Path, todo: list[int], shard_s
     device = 'cuda' if gpus_per_worker else 'cpu'
     kwargs = dict(source=model.source, fingerprint=model.fingerprint, device=device, precision=model.precision,
                   fast_decode=model.transform.fast_decode, coll=coll, out=str(out.resolve()), shard_size=shard_size,
-                  batch_size=batch_size, num_threads=num_threads, video_options=video_options)
+                  batch_size=batch_size, num_threads=num_threads, video_options=video_options,
+                  max_image_pixels=max_image_pixels())
     logger.info('Ray: %d shards over %d workers (%s, %.0f CPUs in the cluster)', len(todo), workers, device, cpus)
     ds = ray.data.from_items([{'shard': k} for k in todo], override_num_blocks=len(todo))
     results = ds.map_batches(ShardWorker, fn_constructor_kwargs=kwargs, batch_size=1, concurrency=workers,

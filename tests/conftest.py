@@ -4,7 +4,9 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import struct
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,15 @@ def http_dir(tmp_path_factory: pytest.TempPathFactory):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield root, f'http://127.0.0.1:{server.server_address[1]}'
     server.shutdown()
+
+
+def bomb_png(width: int = 20000, height: int = 10000) -> bytes:
+    """A valid 1-bit black PNG of ``width`` x ``height`` that compresses to a few KB (20000x10000: ~24 KB): a
+    decompression bomb, or what a huge scan looks like from its header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff)
+    row = b'\x00' * (1 + (width + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    body = b''.join(z.compress(row) for _ in range(height)) + z.flush()
+    header = struct.pack('>IIBBBBB', width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', body) + chunk(b'IEND', b'')

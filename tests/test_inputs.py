@@ -43,7 +43,7 @@ def test_numpy_variants_and_errors():
     assert t(np.zeros((5, 6, 4), np.uint8)).shape == (3, 16, 16)
     with pytest.raises(TypeError, match=r'expected dtype uint8.*astype\(np.uint8\)'):
         load_image(np.zeros((4, 4, 3), np.float32))
-    with pytest.raises(ValueError, match=r'CxHxW array needs arr.transpose\(1, 2, 0\)'):
+    with pytest.raises(ValueError, match=r'expected HxW, HxWxC or CxHxW with C in \(1, 3, 4\)'):
         load_image(np.zeros((3, 8, 8), np.uint8).transpose(0, 1, 2).reshape(8, 8, 3)[:, :, :2])
 
 

@@ -1,0 +1,304 @@
+"""Inputs that are not plain 8-bit images or texts: 16-bit and float images, tensors of pixels or token ids, and
+decompression bombs, in the library, the pipeline, the CLI, zero-shot, search and training."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from modelscope.pipelines import pipeline
+from modelscope.trainers import build_trainer
+from modelscope.utils.constant import Tasks
+from PIL import Image
+
+from modelscope_cnclip import load
+from modelscope_cnclip.cli import main
+from modelscope_cnclip.index import Index
+from modelscope_cnclip.transform import MAX_PIXELS_ENV, image_transform, load_image, set_max_image_pixels
+
+from conftest import bomb_png
+
+BOMB_ERROR = r'200,000,000 pixels is more than the limit of 89,478,485 .*set_max_image_pixels\(N\)'
+
+
+@pytest.fixture(scope='module')
+def model(plugin_vit_dir: Path):
+    return load(plugin_vit_dir)
+
+
+@pytest.fixture(scope='module')
+def photo() -> np.ndarray:
+    """A smooth RGB picture (40 x 52), uint8 HWC."""
+    y, x = np.mgrid[0:40, 0:52]
+    return np.stack([np.sin(x / (4 + c)) * np.cos(y / (6 - c)) * 120 + 128 for c in range(3)], -1).astype(np.uint8)
+
+
+@pytest.fixture()
+def pixel_limit():
+    """Restore PIL's pixel limit and the environment after a test that changes them."""
+    before, env = Image.MAX_IMAGE_PIXELS, os.environ.get(MAX_PIXELS_ENV)
+    yield
+    Image.MAX_IMAGE_PIXELS = before
+    if env is None:
+        os.environ.pop(MAX_PIXELS_ENV, None)
+    else:
+        os.environ[MAX_PIXELS_ENV] = env
+
+
+@pytest.fixture(scope='module')
+def bomb(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp('bomb') / 'scan.png'
+    path.write_bytes(bomb_png(20000, 10000))
+    assert path.stat().st_size < 30_000
+    return path
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a, b).min())
+
+
+# --- images whose range is not 0-255 ---------------------------------------------------------------------------------
+
+def sixteen_bit_variants(gray8: np.ndarray, tmp_path: Path, noise: np.ndarray | None = None) -> dict:
+    v16 = gray8.astype(np.uint16) * 257
+    if noise is not None:
+        v16 = np.clip(v16.astype(np.int64) + noise, 0, 65535).astype(np.uint16)
+    Image.fromarray(v16).save(tmp_path / 'i16.png')  # Pillow writes (and reads back) I;16
+    tiff = io.BytesIO()
+    Image.fromarray(v16.astype(np.int32)).save(tiff, format='TIFF')  # a 32-bit integer image holding 16-bit values
+    h, w = v16.shape
+    return {'I;16 png': tmp_path / 'i16.png',
+            'I;16B': Image.frombytes('I;16B', (w, h), v16.astype('>u2').tobytes()),
+            'I tiff': tiff.getvalue(),
+            'uint16 array': v16}
+
+
+def test_16bit_images_are_scaled_to_8_bits_before_the_resize(model, photo, tmp_path):
+    gray8 = photo[:, :, 0]
+    Image.fromarray(gray8).save(tmp_path / 'l8.png')
+    want = model.encode_image(tmp_path / 'l8.png')
+    variants = sixteen_bit_variants(gray8, tmp_path)
+    assert Image.open(variants['I;16 png']).mode == 'I;16' and Image.open(io.BytesIO(variants['I tiff'])).mode == 'I'
+    for name, image in variants.items():
+        got = model.encode_image(image)
+        # v16 = v8 * 257 scales back exactly: the same pixels, the same embedding
+        assert torch.equal(got, want), name
+    # real 16-bit detail (not a multiple of 257) still embeds like the 8-bit picture
+    noise = np.random.RandomState(0).randint(-128, 128, gray8.shape)
+    for name, image in sixteen_bit_variants(gray8, tmp_path, noise).items():
+        assert cosine(model.encode_image(image), want) >= 0.999, name
+
+
+def test_8bit_data_in_mode_I_keeps_reference_behaviour(model, photo):
+    img = Image.fromarray(photo[:, :, 1].astype(np.int32))  # mode I, values 0-255
+    assert img.mode == 'I'
+    reference = np.asarray(img.resize((64, 64), Image.Resampling.BICUBIC).convert('RGB'))
+    assert np.array_equal(model.transform.load(img), reference)
+
+
+def test_float_and_out_of_range_images_are_refused_with_the_fix(model, photo):
+    with pytest.raises(ValueError, match=r'img\[0\]: image .*mode F\) has no defined value range; convert it to 8 '
+                                         r'bits first'):
+        model.encode_image([Image.fromarray(photo[:, :, 0].astype(np.float32) / 255)])
+    with pytest.raises(ValueError, match=r'mode I\) with values -5..300 has no 8- or 16-bit range'):
+        load_image(Image.fromarray(np.array([[-5, 300]], np.int32)))
+    with pytest.raises(TypeError, match=r'expected dtype uint8 \(0-255\) or uint16'):
+        load_image(photo.astype(np.float32))
+
+
+def test_16bit_images_in_zeroshot_and_the_pipeline(plugin_vit_dir, model, photo, tmp_path, capsys):
+    gray8 = photo[:, :, 2]
+    for cls in ('a', 'b'):
+        (tmp_path / 'imgs' / cls).mkdir(parents=True)
+    Image.fromarray(gray8).save(tmp_path / 'imgs' / 'a' / 'l8.png')
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / 'imgs' / 'b' / 'i16.png')
+    from modelscope_cnclip.zeroshot import evaluate_zeroshot
+    res = evaluate_zeroshot(model, tmp_path / 'imgs', ['甲', '乙'], ['{}'])
+    assert torch.equal(res['logits'][0], res['logits'][1])  # the same picture, 8 or 16 bits
+    p = pipeline(Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu')
+    out = p({'img': [str(tmp_path / 'imgs' / 'a' / 'l8.png'), str(tmp_path / 'imgs' / 'b' / 'i16.png')]})
+    assert torch.equal(out['img_embedding'][0], out['img_embedding'][1])
+
+
+# --- tensors ---------------------------------------------------------------------------------------------------------
+
+def test_uint8_tensors_are_images_like_the_same_numpy_array(model, photo):
+    want = model.encode_image(photo)
+    hwc = torch.from_numpy(photo)
+    chw = hwc.permute(2, 0, 1)
+    for name, image in {'HWC tensor': hwc, 'CHW tensor': chw, 'CHW contiguous': chw.contiguous(),
+                        'CHW array': photo.transpose(2, 0, 1), 'list of tensors': [hwc]}.items():
+        assert torch.equal(model.encode_image(image), want), name
+    other = np.ascontiguousarray(photo[::-1])
+    want2 = model.encode_image([photo, other])
+    for name, batch in {'NHWC tensor (decord)': torch.stack([hwc, torch.from_numpy(other)]),
+                        'NCHW tensor (torchvision.io)': torch.stack([chw, torch.from_numpy(other).permute(2, 0, 1)]),
+                        'NHWC array': np.stack([photo, other]), 'list': [hwc, torch.from_numpy(other)]}.items():
+        assert torch.equal(model.encode_image(batch), want2), name
+    gray = torch.from_numpy(photo[:, :, 0].copy())
+    assert torch.equal(model.encode_image(gray), model.encode_image(photo[:, :, 0]))
+
+
+def test_uint8_tensors_through_the_pipeline(plugin_vit_dir, model, photo):
+    p = pipeline(Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu')
+    chw = torch.from_numpy(photo).permute(2, 0, 1)
+    assert torch.equal(p({'img': chw})['img_embedding'], model.encode_image(photo))
+    assert torch.equal(p.forward({'img': chw[None]})['img_embedding'], model.encode_image(photo))
+
+
+def test_float_pixels_must_have_the_models_shape(model, photo):
+    pixels = model.transform.batch([photo])
+    assert torch.equal(model.encode_image(pixels), model.encode_image(photo))
+    for bad in (torch.zeros(1, 3, 32, 32), torch.zeros(2, 64, 64, 3), torch.zeros(64, 64), torch.zeros(1, 1, 64, 64)):
+        with pytest.raises(ValueError, match=r'img: a pixel tensor must be \(N, 3, 64, 64\) for this model \(image '
+                                             r'size 64\), got'):
+            model.encode_image(bad)
+    with pytest.raises(ValueError, match='NaN or infinite'):
+        model.encode_image(torch.full((1, 3, 64, 64), float('nan')))
+    with pytest.raises(TypeError, match=r'img\[0\]: image tensor .*int64.*only as uint8 pixels'):
+        model.encode_image(torch.zeros(64, 64, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r'img\[0\]: image tensor .*float32.*given directly as the image batch'):
+        model.encode_image([pixels[0]])
+
+
+def test_raw_pixels_get_a_warning_normalised_ones_do_not(model, photo):
+    pixels = model.transform.batch([photo])
+    raw = torch.from_numpy(model.transform.load(photo).copy()).permute(2, 0, 1)[None].float()  # (1, 3, 64, 64), 0-255
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        model.encode_image(pixels)
+    with pytest.warns(UserWarning, match=r'looks like raw \[0, 255\] pixels.*model.transform'):
+        model.encode_image(raw)
+    with pytest.warns(UserWarning, match=r'looks like raw \[0, 1\] pixels'):
+        model.encode_image(raw / 255)
+
+
+def test_token_ids_are_checked_before_the_text_tower(plugin_vit_dir, model):
+    ids = model.tokenizer(['一只猫', '狗'])['input_ids']
+    assert torch.equal(model.encode_text(ids), model.encode_text(['一只猫', '狗']))
+    too_long = torch.cat([ids[:1, :-1], torch.full((1, 130), 100), ids[:1, -1:]], dim=1)  # 128 positions
+    with pytest.raises(ValueError, match=r'token ids are 135 long, but the text tower has 128 positions; tokenize '
+                                         r'texts with model.tokenizer\(texts\) \(which truncates to the context '
+                                         r'length 52\)'):
+        model.encode_text(too_long)
+    with pytest.raises(ValueError, match=r'must lie in \[0, 21128\) \(the vocabulary\), got values 101..30000'):
+        model.encode_text(torch.tensor([[101, 30000, 102]]))
+    with pytest.raises(ValueError, match=r'got values -1..102'):
+        model.encode_text(torch.tensor([[101, -1, 102]]))
+    with pytest.raises(TypeError, match='token ids must be an integer tensor, got torch.float32'):
+        model.encode_text(ids.float())
+    with pytest.raises(ValueError, match=r'token ids must be \(N, L\), got \(1, 2, 3\)'):
+        model.encode_text(torch.ones(1, 2, 3, dtype=torch.long))
+    p = pipeline(Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu')
+    with pytest.raises(ValueError, match='128 positions'):
+        p({'input_ids': too_long})
+
+
+# --- decompression bombs and huge scans -------------------------------------------------------------------------------
+
+def test_bomb_is_a_per_input_error_in_the_api(model, photo, bomb, tmp_path, http_dir):
+    root, url = http_dir
+    Image.fromarray(photo).save(tmp_path / 'ok.png')
+    for image in (bomb, str(bomb), bomb.read_bytes()):
+        with pytest.raises(ValueError, match=r'img\[1\]: cannot decode image .*' + BOMB_ERROR):
+            model.encode_image([tmp_path / 'ok.png', image])
+    (root / 'scan.png').write_bytes(bomb.read_bytes())
+    with pytest.raises(ValueError, match=r'img\[0\]: cannot decode image http.*' + BOMB_ERROR):
+        model.encode_image(f'{url}/scan.png')
+    # between PIL's limit and twice it PIL only warns; here it is refused like any other too-large image
+    (tmp_path / 'big.png').write_bytes(bomb_png(10000, 10000))
+    with pytest.raises(ValueError, match=r'img\[0\]: .*10000x10000 = 100,000,000 pixels is more than the limit'):
+        model.encode_image(tmp_path / 'big.png')
+
+
+def test_bomb_in_the_pipeline(plugin_vit_dir, photo, bomb):
+    p = pipeline(Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu')
+    with pytest.raises(ValueError, match=r'img\[1\]: cannot decode image .*' + BOMB_ERROR):
+        p({'img': [photo, str(bomb)]})
+
+
+def test_pixel_limit_is_configurable(model, tmp_path, pixel_limit):
+    Image.new('RGB', (40, 40), 'red').save(tmp_path / 'small.png')
+    set_max_image_pixels(1000)
+    assert os.environ[MAX_PIXELS_ENV] == '1000'
+    with pytest.raises(ValueError, match=r'40x40 = 1,600 pixels is more than the limit of 1,000'):
+        model.encode_image(tmp_path / 'small.png')
+    set_max_image_pixels(None)
+    assert model.encode_image(tmp_path / 'small.png').shape == (1, 32)
+    with pytest.raises(ValueError, match=r"max_image_pixels='lots': expected a number of pixels"):
+        set_max_image_pixels('lots')
+
+
+def test_pixel_limit_from_the_environment_and_the_cli(plugin_vit_dir, tmp_path, pixel_limit, capsys):
+    Image.new('RGB', (40, 40), 'red').save(tmp_path / 'small.png')
+    code = ('from modelscope_cnclip.transform import load_image\n'
+            f'load_image({str(tmp_path / "small.png")!r})')
+    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         env={**os.environ, MAX_PIXELS_ENV: '1000'})
+    assert run.returncode == 1 and 'more than the limit of 1,000' in run.stderr
+    assert main(['--max-image-pixels', '1000', 'similarity', str(plugin_vit_dir), str(tmp_path / 'small.png'),
+                 '猫']) == 2
+    err = capsys.readouterr().err
+    assert 'cnclip similarity: error: img[0]: cannot decode image' in err and 'limit of 1,000' in err
+
+
+def test_bomb_skipped_and_reported_by_zeroshot(plugin_vit_dir, photo, bomb, tmp_path, capsys):
+    for cls in ('a', 'b'):
+        (tmp_path / 'imgs' / cls).mkdir(parents=True)
+        Image.fromarray(photo).save(tmp_path / 'imgs' / cls / 'ok.png')
+    (tmp_path / 'imgs' / 'b' / 'scan.png').write_bytes(bomb.read_bytes())
+    (tmp_path / 'labels.txt').write_text('甲\n乙\n', encoding='utf-8')
+    args = ['zeroshot', str(plugin_vit_dir), '--images', str(tmp_path / 'imgs'), '--labels',
+            str(tmp_path / 'labels.txt'), '--templates', 'openai']
+    assert main(args) == 2
+    assert 'scan.png: unreadable image' in capsys.readouterr().err
+    assert main(args + ['--skip-errors']) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)['n_skipped'] == 1 and json.loads(captured.out)['n_images'] == 2
+
+
+def test_bomb_query_in_search_is_a_clear_error(plugin_vit_dir, model, photo, bomb, tmp_path, capsys):
+    meta = {'model': model.info()}
+    Index.from_arrays(['a'], model.encode_image(photo).numpy(), meta=meta).save(tmp_path / 'idx')
+    assert main(['search', str(tmp_path / 'idx'), str(bomb)]) == 2
+    err = capsys.readouterr().err
+    assert 'cnclip search: error: img[0]: cannot decode image' in err and '200,000,000 pixels' in err
+
+
+def test_bomb_skipped_by_training_with_skip_corrupt(plugin_vit_dir, photo, bomb, tmp_path):
+    Image.fromarray(photo).save(tmp_path / 'ok.png')
+    lines = [{'image': 'ok.png', 'text': '图'}, {'image': str(bomb), 'text': '扫描', 'id': 'scan'}] * 4
+    (tmp_path / 'train.jsonl').write_text('\n'.join(json.dumps(x, ensure_ascii=False) for x in lines))
+    overrides = {'train': {'max_epochs': 1, 'dataloader': {'batch_size_per_gpu': 4, 'workers_per_gpu': 0}}}
+    kw = dict(model=str(plugin_vit_dir), work_dir=str(tmp_path / 'w'), train_dataset=str(tmp_path / 'train.jsonl'),
+              cfg_overrides=overrides)
+    with pytest.raises(ValueError, match=r"image 'scan': cannot decode image .*200,000,000 pixels.*skip_corrupt"):
+        build_trainer('cnclip-trainer', kw).train()
+    trainer = build_trainer('cnclip-trainer', dict(kw, skip_corrupt=True))
+    trainer.train()
+    assert trainer.train_pairs.skipped == ['scan']
+
+
+def test_bomb_listed_by_embedding_jobs(plugin_vit_dir, photo, bomb, tmp_path, capsys):
+    (tmp_path / 'photos').mkdir()
+    Image.fromarray(photo).save(tmp_path / 'photos' / 'ok.png')
+    (tmp_path / 'photos' / 'scan.png').write_bytes(bomb.read_bytes())
+    assert main(['embed', str(plugin_vit_dir), str(tmp_path / 'photos'), '--out', str(tmp_path / 'emb'),
+                 '--no-progress']) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report['embedded'] == 1 and report['failed'] == 1
+    error = json.loads((tmp_path / 'emb' / 'errors.jsonl').read_text().splitlines()[0])
+    assert error['id'] == 'scan.png' and '200,000,000 pixels' in error['error']
+
+
+def test_transform_alone_refuses_bombs(bomb):
+    with pytest.raises(ValueError, match=BOMB_ERROR):
+        image_transform(image_size=16)(bomb)
