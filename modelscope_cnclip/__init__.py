@@ -20,13 +20,14 @@ from .inference import CNClip, load
 from .model import CLIP
 from .sources import Checkpoint, convert, read_source
 from .tokenizer import Tokenizer, get_tokenizer
-from .transform import image_transform, load_image
+from .transform import image_transform, load_image, set_max_image_pixels
 from .zeroshot import evaluate_zeroshot
 
 __version__ = '0.1.0'
 __all__ = ['available_models', 'get_config', 'load', 'convert', 'read_source', 'get_tokenizer', 'image_transform',
-           'load_image', 'CNClip', 'CLIP', 'CLIPConfig', 'Checkpoint', 'Tokenizer', 'embed_collection', 'EmbedReport',
-           'load_embeddings', 'Embeddings', 'Index', 'Searcher', 'Hit', 'evaluate_zeroshot', '__version__']
+           'load_image', 'set_max_image_pixels', 'CNClip', 'CLIP', 'CLIPConfig', 'Checkpoint', 'Tokenizer',
+           'embed_collection', 'EmbedReport', 'load_embeddings', 'Embeddings', 'Index', 'Searcher', 'Hit',
+           'evaluate_zeroshot', '__version__']
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -19,6 +19,7 @@ from modelscope.trainers import build_trainer
 from modelscope.utils.constant import Tasks
 from PIL import Image
 
+import modelscope_cnclip
 from modelscope_cnclip import load
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.index import Index
@@ -227,7 +228,7 @@ def test_bomb_in_the_pipeline(plugin_vit_dir, photo, bomb):
 
 def test_pixel_limit_is_configurable(model, tmp_path, pixel_limit):
     Image.new('RGB', (40, 40), 'red').save(tmp_path / 'small.png')
-    set_max_image_pixels(1000)
+    modelscope_cnclip.set_max_image_pixels(1000)  # the name the error message gives
     assert os.environ[MAX_PIXELS_ENV] == '1000'
     with pytest.raises(ValueError, match=r'40x40 = 1,600 pixels is more than the limit of 1,000'):
         model.encode_image(tmp_path / 'small.png')
