@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -13,7 +14,7 @@ from ..data import LmdbSplit, OfficialSplit
 from ..tokenizer import Tokenizer
 from ..transform import ImageTransform
 
-__all__ = ['PairDataset', 'collate_pairs', 'read_pairs', 'EpochShuffleSampler']
+__all__ = ['PairDataset', 'SplitImage', 'collate_pairs', 'read_pairs', 'EpochShuffleSampler']
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,23 @@ def collate_pairs(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torc
     return {'pixel_values': torch.stack([b['pixel_values'] for b in batch]), 'input_ids': ids}
 
 
-def _official_pairs(split: OfficialSplit | LmdbSplit) -> list[tuple[Callable[[], bytes], str, Any]]:
-    return [(lambda i=image_id: split.image_bytes(i), text, image_id) for _, text, image_id in split.pairs()]
+@dataclass(frozen=True)
+class SplitImage:
+    """One image of an official split, read when called: ``SplitImage(split, image_id)()`` -> encoded bytes.
+
+    A picklable object rather than a closure, so DataLoader workers started with ``spawn`` (macOS, Windows) or
+    ``forkserver`` (Python 3.14's Linux default) receive the dataset.
+    """
+
+    split: OfficialSplit | LmdbSplit
+    image_id: Any
+
+    def __call__(self) -> bytes:
+        return self.split.image_bytes(self.image_id)
+
+
+def _official_pairs(split: OfficialSplit | LmdbSplit) -> list[tuple[SplitImage, str, Any]]:
+    return [(SplitImage(split, image_id), text, image_id) for _, text, image_id in split.pairs()]
 
 
 def _jsonl_pairs(path: Path) -> list[tuple[Any, str, Any]]:

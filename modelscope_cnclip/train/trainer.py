@@ -23,12 +23,12 @@ from modelscope.trainers.hooks.hook import Hook
 from modelscope.utils.config import Config
 
 from ..evaluation import inbatch_recall, retrieval_metrics
-from ..ms.model import CNClipForMultiModalEmbedding, plugin_configuration
+from ..ms.model import MODEL_TYPE, PIPELINE_TYPE, PREPROCESSOR_TYPE, CNClipForMultiModalEmbedding, plugin_configuration
 from ..sources import default_configuration, write_dir
 from .dataset import EpochShuffleSampler, PairDataset, collate_pairs, read_pairs
 from .loss import contrastive_loss
 
-__all__ = ['CNClipTrainer', 'TRAINER_TYPE', 'build_optimizer', 'warmup_cosine']
+__all__ = ['CNClipTrainer', 'TRAINER_TYPE', 'build_optimizer', 'warmup_cosine', 'merge_config', 'steps_per_epoch']
 
 logger = logging.getLogger(__name__)
 TRAINER_TYPE = 'cnclip-trainer'
@@ -79,15 +79,29 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def merge_config(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """``new`` over ``base``: nested dicts merge key by key; any other value (a list of hooks or metrics, a
+    scalar, a value of another type) replaces the old one. Unlike ModelScope's ``Config.merge_from_dict``, a
+    user's ``train.hooks`` list is taken as written (not merged with the defaults by hook type), and a value whose
+    type differs from the default's (the tutorial's ``"preprocessor": []``) is no error."""
+    out = dict(base)
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _merged_config(cfg_file: str | None, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Repo defaults, then the user's configuration file, then explicit overrides (later wins)."""
-    cfg = Config(default_configuration())
-    if cfg_file:
-        cfg.merge_from_dict(Config.from_file(cfg_file).to_dict())
-    if overrides:
-        cfg.merge_from_dict(dict(overrides))
-    d = cfg.to_dict()
-    d['model'] = {**d.get('model', {}), 'type': 'cnclip'}
+    """Repo defaults, then the user's configuration file, then explicit overrides (later wins, see
+    :func:`merge_config`); the keys the plugin owns (``model``, ``pipeline``, ``preprocessor``) are its own, whatever
+    the file says (the tutorial's name ModelScope's built-in CLIP classes)."""
+    d = default_configuration()
+    for data in (Config.from_file(cfg_file).to_dict() if cfg_file else None, overrides):
+        d = merge_config(d, data or {})
+    d['model'] = {**(d.get('model') if isinstance(d.get('model'), Mapping) else {}), 'type': MODEL_TYPE}
+    d['pipeline'], d['preprocessor'] = {'type': PIPELINE_TYPE}, {'type': PREPROCESSOR_TYPE}
     for hook in d.get('train', {}).get('hooks', []):
         hook['type'] = _HOOK_RENAMES.get(hook['type'], hook['type'])
     # The tutorial names CUDA AMP; on a CPU (or with use_fp16 off) ModelScope's plain optimizer hook does the job.
@@ -138,15 +152,42 @@ def _drop_eval_hooks(cfg: dict[str, Any]) -> None:
         logger.info('no eval_dataset: %s disabled', dropped)
 
 
-def _optimizer_and_schedule(cfg: dict[str, Any], clip: torch.nn.Module, n_train: int,
-                            world: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW from ``train.optimizer_hparams`` and warmup + cosine over the whole run's optimizer steps."""
+def steps_per_epoch(n_pairs: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+    """Training steps in one epoch: each of ``world_size`` processes draws ``ceil(n_pairs / world_size)`` pairs
+    (:class:`EpochShuffleSampler`) in batches of ``batch_size``, the last one dropped when short with ``drop_last``.
+
+    Raises:
+        ValueError: training that cannot learn: no pairs, a global batch of 1 (no negatives: the contrastive loss
+            is 0 at every step), or no step at all in an epoch (fewer pairs than one batch with ``drop_last``).
+    """
+    if n_pairs < 1:
+        raise ValueError('the training data holds no pairs; check the dataset and dataset.column_map')
+    if batch_size < 1 or batch_size * world_size < 2:
+        raise ValueError(f'a global batch of {batch_size * world_size} pair(s) (train.dataloader.batch_size_per_gpu='
+                         f'{batch_size} on {world_size} process(es)) has no negatives: the contrastive loss is 0 at '
+                         f'every step and nothing is learned; use a batch of at least 2 (the official models train '
+                         f'with 128-180 pairs per GPU)')
+    per_rank = -(-n_pairs // world_size)
+    steps = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+    if steps == 0:
+        raise ValueError(f'{n_pairs} training pairs on {world_size} process(es) make no batch of {batch_size} with '
+                         f'drop_last=true, so an epoch would train nothing; lower train.dataloader.batch_size_per_gpu'
+                         f' to at most {per_rank} (--batch-size) or set train.dataloader.drop_last to false')
+    if not drop_last and per_rank % batch_size == 1 and world_size == 1:
+        logger.warning('%d training pairs in batches of %d: the last batch of every epoch holds 1 pair, whose '
+                       'contrastive loss is 0; set train.dataloader.drop_last to true or change the batch size',
+                       n_pairs, batch_size)
+    return steps
+
+
+def _optimizer_and_schedule(cfg: dict[str, Any], clip: torch.nn.Module,
+                            steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW from ``train.optimizer_hparams`` and warmup + cosine over the run's ``steps`` scheduler steps (the
+    schedule steps once per training iteration)."""
     hp = cfg['train']['optimizer_hparams']
     optimizer = build_optimizer(clip, hp['lr'], hp['weight_decay'], (hp['beta1'], hp['beta2']), hp['eps'])
-    batch = cfg['train']['dataloader']['batch_size_per_gpu']
-    steps = cfg['train']['max_epochs'] * max(1, math.ceil(n_train / (batch * world)))
     warmup = int(cfg['train'].get('lr_scheduler', {}).get('warmup_proportion', 0.1) * steps)
-    return optimizer, warmup_cosine(optimizer, steps, warmup)
+    return optimizer, warmup_cosine(optimizer, max(1, steps), warmup)
 
 
 @TRAINERS.register_module(module_name=TRAINER_TYPE)
@@ -154,7 +195,8 @@ class CNClipTrainer(EpochBasedTrainer):
     """Finetune Chinese CLIP with ModelScope's trainer machinery.
 
     Args:
-        model: a :class:`CNClipForMultiModalEmbedding` or any source it loads (dir of any layout, ``.pt``, hub id).
+        model: a :class:`CNClipForMultiModalEmbedding` or any source it loads (dir of any layout, ``.pt``, hub id);
+            default: the configuration's ``pretrained_model.model_name``.
         cfg_file: a configuration.json (e.g. the finetune tutorial's); its keys override the repo defaults.
         train_dataset / eval_dataset: an ``MsDataset`` or list of dict rows (columns named by
             ``dataset.column_map``), an official-format dir, or a jsonl of ``{"image", "text"}`` lines.
@@ -175,15 +217,20 @@ class CNClipTrainer(EpochBasedTrainer):
                  mask_ratio: float = 0.0, freeze_vision: bool = False, grad_checkpointing: bool = False,
                  full_grad_gather: bool = False, skip_corrupt: bool = False, device: str | None = None,
                  accum_freq: int = 1, amp: str | None = None, **kwargs: Any) -> None:
+        _check_options(amp, accum_freq)
+        cfg = _merged_config(cfg_file, cfg_overrides)
+        if model is None:  # the tutorial's configuration names the model to start from
+            model = (cfg.get('pretrained_model') or {}).get('model_name')
+            if not model:
+                raise ValueError('no model to train: pass model=... (a model dir, weights file or hub id) or set '
+                                 'pretrained_model.model_name in the configuration')
         if not isinstance(model, CNClipForMultiModalEmbedding):
             model = CNClipForMultiModalEmbedding(str(model), device=device or 'cpu')
-        _check_options(amp, accum_freq)
         if amp == 'fp16':
             kwargs['use_fp16'] = True
         self.amp, self.accum_freq, self.mask_ratio = amp, accum_freq, mask_ratio
         self.full_grad_gather, self.freeze_vision = full_grad_gather, freeze_vision
 
-        cfg = _merged_config(cfg_file, cfg_overrides)
         if eval_dataset is None:
             _drop_eval_hooks(cfg)
         work_dir = work_dir or cfg['train'].get('work_dir', './work')
@@ -204,7 +251,10 @@ class CNClipTrainer(EpochBasedTrainer):
         if world > 1 and not kwargs.get('launcher'):
             device = _init_distributed(device)
             model.to(device)
-        optimizers = _optimizer_and_schedule(cfg, model.clip, len(self.train_pairs or []), world)
+        loader = cfg['train']['dataloader']
+        self.steps_per_epoch = 0 if self.train_pairs is None else steps_per_epoch(
+            len(self.train_pairs), loader['batch_size_per_gpu'], world, bool(loader.get('drop_last', False)))
+        optimizers = _optimizer_and_schedule(cfg, model.clip, cfg['train']['max_epochs'] * self.steps_per_epoch)
         samplers = None
         if self.train_pairs is not None:
             samplers = {'train': EpochShuffleSampler(len(self.train_pairs), kwargs.get('seed', 42),
