@@ -26,13 +26,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
     ckpt = read_source(args.source, args.config)
     n = sum(t.numel() for t in ckpt.state_dict.values())
     print(json.dumps({'source': ckpt.source, 'layout': ckpt.layout, 'architecture': ckpt.name,
-                      'parameters': n, 'config': ckpt.config.to_dict()}, ensure_ascii=False, indent=2))
+                      'parameters': n, 'config': ckpt.config.to_dict(), 'guessed': list(ckpt.guessed)},
+                     ensure_ascii=False, indent=2))
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .sources import convert
-    dst = convert(args.src, args.dst, to=args.to, config=args.config, overwrite=args.overwrite)
+    dst = convert(args.src, args.dst, to=args.to, config=args.config, overwrite=args.overwrite,
+                  max_shard_size=args.max_shard_size)
     print(dst)
     return 0
 
@@ -184,16 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     add('models', _cmd_models, 'list the shipped architectures')
 
     config_help = 'architecture name (e.g. ViT-B-16) or config JSON, when the source does not describe itself'
-    p = add('info', _cmd_info, 'show the layout and architecture detected for a checkpoint')
-    p.add_argument('source', help='model dir (any layout), weights file or ModelScope hub id')
+    p = add('info', _cmd_info, 'show the layout and architecture detected for a checkpoint (JSON; "guessed" lists '
+                               'config fields the weights could not tell)')
+    p.add_argument('source', help='model dir (any layout, sharded too), weights file (.pt, a trainer\'s epoch_N.pth, '
+                                  '.bin, .safetensors, *.index.json) or ModelScope hub id')
     p.add_argument('--config', help=config_help)
 
     p = add('convert', _cmd_convert, 'convert any checkpoint into a plugin, ModelScope hub or Hugging Face dir')
-    p.add_argument('src', help='official .pt, ModelScope hub dir or id, finetune output dir, HF dir, plugin dir')
+    p.add_argument('src', help='official .pt, ModelScope hub dir or id, finetune output dir, trainer checkpoint '
+                               '(work/epoch_N.pth), HF dir, plugin dir')
     p.add_argument('dst', help='directory to write (must not exist or be empty, unless --overwrite)')
     p.add_argument('--to', choices=['plugin', 'hub', 'hf'], default='plugin', help='target layout (default plugin)')
     p.add_argument('--config', help=config_help)
     p.add_argument('--overwrite', action='store_true', help='replace a non-empty dst')
+    p.add_argument('--max-shard-size', help='split the weights into safetensors shards of at most this size plus an '
+                   'index, e.g. 2GB (plugin and hf layouts; hub stays one pytorch_model.bin)')
 
     p = add('similarity', _cmd_similarity, 'score one image against texts (softmax probabilities over the texts)')
     p.add_argument('model', help='model dir (any layout), weights file or ModelScope hub id')

@@ -138,7 +138,8 @@ class CLIPConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = 'config') -> 'CLIPConfig':
         data = dict(data)
-        data.pop('name', None)  # informational
+        for key in ('name', 'guessed'):  # informational (a plugin dir's name and guessed fields)
+            data.pop(key, None)
         if 'vision' in data:
             data['vision'] = _from_dict(VisionConfig, data['vision'], f'{where}.vision')
         if 'text' in data:

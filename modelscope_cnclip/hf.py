@@ -54,13 +54,19 @@ def _image_processor_config(cfg: CLIPConfig) -> dict[str, Any]:
             'image_std': list(p.std), 'do_convert_rgb': True}
 
 
-def write_hf_files(hf_sd: Mapping[str, torch.Tensor], cfg: CLIPConfig, vocab_file: Path, d: Path) -> None:
-    """Write ``config.json``, ``model.safetensors``, tokenizer files and ``preprocessor_config.json`` into ``d``."""
-    from safetensors.torch import save_file
+def write_hf_files(hf_sd: Mapping[str, torch.Tensor], cfg: CLIPConfig, vocab_file: Path, d: Path,
+                   max_shard_size: int | str | None = None) -> None:
+    """Write ``config.json``, the weights, tokenizer files and ``preprocessor_config.json`` into ``d``.
+
+    The weights are one ``model.safetensors``, or with ``max_shard_size`` (``'2GB'``, bytes) safetensors shards
+    ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``, as ``save_pretrained`` writes them.
+    """
     from transformers import BertTokenizer, ChineseCLIPConfig
 
+    from .checkpoint import save_weights
+
     ChineseCLIPConfig(**config_to_hf(cfg)).save_pretrained(str(d))
-    save_file(dict(hf_sd), str(d / 'model.safetensors'), metadata={'format': 'pt'})
+    save_weights(hf_sd, d, max_shard_size)
     BertTokenizer(vocab=str(vocab_file), do_lower_case=True,
                   model_max_length=cfg.context_length).save_pretrained(str(d))
     shutil.copyfile(vocab_file, d / 'vocab.txt')

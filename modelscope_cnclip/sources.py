@@ -2,12 +2,15 @@
 
 Readers return a :class:`Checkpoint` (official-layout state dict + config + vocab); writers take one. Layouts:
 
-* ``plugin``   — this package's model dir: ``configuration.json``, ``cnclip_config.json``, ``model.safetensors``,
-  ``vocab.txt``.
+* ``plugin``   — this package's model dir: ``configuration.json``, ``cnclip_config.json``, ``model.safetensors``
+  (or its shards with ``model.safetensors.index.json``), ``vocab.txt``.
 * ``hub``      — the stock ModelScope dir: ``configuration.json`` (``clip-multi-modal-embedding``),
   ``vision_model_config.json``, ``text_model_config.json``, ``vocab.txt``, ``pytorch_model.bin``.
 * ``official`` — a Chinese-CLIP ``.pt`` (``{"state_dict": {"module.visual...": ...}, ...}``).
-* ``hf``       — a transformers ``ChineseCLIPModel`` dir.
+* ``hf``       — a transformers ``ChineseCLIPModel`` dir (single or sharded weights).
+
+Weights files may also be ModelScope trainer checkpoints (``work/epoch_N.pth``, ``iter_N.pth``, ``best_*.pth``:
+keys under the model's ``clip.`` submodule) or any state dict whose keys share one prefix.
 """
 from __future__ import annotations
 
@@ -23,7 +26,18 @@ from typing import Any, Iterator
 
 import torch
 
-from .checkpoint import StateDict, check_state_dict, infer_config, official_to_hf, read_checkpoint, to_official
+from .checkpoint import (
+    INDEX_SUFFIX,
+    SHARD_RE,
+    StateDict,
+    check_state_dict,
+    guess_config,
+    official_to_hf,
+    parse_shard_size,
+    read_checkpoint,
+    save_weights,
+    to_official,
+)
 from .config import CLIPConfig, config_from_hub, config_to_hub, get_config, match_architecture
 from .model import CLIP
 from .tokenizer import DEFAULT_VOCAB
@@ -50,6 +64,9 @@ class Checkpoint:
     vocab_file: Path = DEFAULT_VOCAB
     layout: str = 'official'
     source: str = ''
+    #: config fields read neither from the source nor from a shipped architecture, but assumed (see
+    #: :func:`modelscope_cnclip.checkpoint.guess_config`); a plugin dir written from it keeps the list.
+    guessed: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -78,12 +95,18 @@ def _resolve_config(config: CLIPConfig | str | os.PathLike | None) -> CLIPConfig
 
 
 def _find_weights(d: Path, preferred: tuple[str, ...]) -> Path:
+    """The weights file (or sharded-weights index) of dir ``d``: the first of ``preferred`` present, else its
+    only weights file."""
     for name in preferred:
         if (d / name).is_file():
             return d / name
     found = sorted(p.name for p in d.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if len(found) == 1:
         return d / found[0]
+    if any(SHARD_RE.search(name) for name in found):
+        raise FileNotFoundError(f'{d}: holds weight shards {found[:4]} but not their index (e.g. '
+                                f'model.safetensors.index.json or pytorch_model.bin.index.json), which says which '
+                                f'tensor is in which shard; copy it from where the shards came from')
     raise FileNotFoundError(f'{d}: expected weights in one of {list(preferred)}, found {found or "none"}')
 
 
@@ -112,20 +135,34 @@ def read_config(source: str | os.PathLike | None) -> tuple[CLIPConfig | None, Pa
     d = Path(source) if source is not None else None
     if d is None or not d.is_dir():
         return None, DEFAULT_VOCAB
-    return _declared_config(d, _dir_layout(d)), _vocab_in(d)
+    return _declared_config(d, _dir_layout(d))[0], _vocab_in(d)
 
 
-def _declared_config(d: Path, layout: str) -> CLIPConfig | None:
-    return {'plugin': lambda: CLIPConfig.from_file(d / PLUGIN_CONFIG),
-           'hub': lambda: config_from_hub(_read_json(d / HUB_FILES[0]), _read_json(d / HUB_FILES[1]), where=str(d)),
-           'hf': lambda: _hf_config(d)}.get(layout, lambda: None)()
+def _plugin_config(path: Path) -> tuple[CLIPConfig, tuple[str, ...]]:
+    """A ``cnclip_config.json`` and the fields it records as guessed (its informational ``"guessed"`` list)."""
+    data = _read_json(path)
+    guessed = data.get('guessed', []) if isinstance(data, dict) else []
+    if not isinstance(guessed, list) or not all(isinstance(f, str) for f in guessed):
+        raise ValueError(f'{path}: "guessed" must be a list of config field names, got {guessed!r}')
+    return CLIPConfig.from_dict(data, where=str(path)), tuple(guessed)
 
 
-_WEIGHT_FILES = {  # per dir layout, the weights file names in order of preference
-    'plugin': (PLUGIN_WEIGHTS,),
-    'hub': ('pytorch_model.bin', 'model.safetensors', 'pytorch_model.pt'),
-    'hf': ('model.safetensors', 'pytorch_model.bin'),
-    'weights-only': ('pytorch_model.bin', 'model.safetensors'),
+def _declared_config(d: Path, layout: str) -> tuple[CLIPConfig | None, tuple[str, ...]]:
+    """The config a dir of ``layout`` declares (``None`` for none) and the fields it records as guessed."""
+    if layout == 'plugin':
+        return _plugin_config(d / PLUGIN_CONFIG)
+    if layout == 'hub':
+        return config_from_hub(_read_json(d / HUB_FILES[0]), _read_json(d / HUB_FILES[1]), where=str(d)), ()
+    return (_hf_config(d) if layout == 'hf' else None), ()
+
+
+_SAFE_INDEX = PLUGIN_WEIGHTS + INDEX_SUFFIX  # model.safetensors.index.json
+_BIN_INDEX = 'pytorch_model.bin' + INDEX_SUFFIX
+_WEIGHT_FILES = {  # per dir layout, the weights file (or sharded-weights index) names in order of preference
+    'plugin': (PLUGIN_WEIGHTS, _SAFE_INDEX),
+    'hub': ('pytorch_model.bin', _BIN_INDEX, 'model.safetensors', _SAFE_INDEX, 'pytorch_model.pt'),
+    'hf': ('model.safetensors', _SAFE_INDEX, 'pytorch_model.bin', _BIN_INDEX),
+    'weights-only': ('pytorch_model.bin', 'model.safetensors', _BIN_INDEX, _SAFE_INDEX),
 }
 
 
@@ -140,10 +177,12 @@ def _read_dir(d: Path, config: CLIPConfig | None) -> Checkpoint:
             f'{d} is not a Chinese CLIP model dir: expected {PLUGIN_CONFIG} (plugin), {list(HUB_FILES)} '
             f'(ModelScope hub), a config.json of model_type chinese_clip (Hugging Face), or a single weights '
             f'file ({e})') from None
-    declared, vocab = _declared_config(d, layout), _vocab_in(d)
+    (declared, guessed), vocab = _declared_config(d, layout), _vocab_in(d)
     sd, detected = to_official(read_checkpoint(weights))
     ckpt_layout = layout if layout != 'weights-only' else ('hf' if detected == 'hf' else 'official')
-    return Checkpoint(sd, config or declared or infer_config(sd), vocab, ckpt_layout, str(d))
+    if config is None and declared is None:
+        declared, guessed = guess_config(sd)
+    return Checkpoint(sd, config or declared, vocab, ckpt_layout, str(d), () if config else guessed)
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -156,8 +195,10 @@ def read_source(source: str | os.PathLike, config: CLIPConfig | str | os.PathLik
     """Read weights from any supported source.
 
     Args:
-        source: a model dir (plugin, ModelScope hub or Hugging Face layout), a weights file (official ``.pt``,
-            ``.bin``, ``.safetensors``) or a ModelScope hub id (downloaded with ModelScope's hub client).
+        source: a model dir (plugin, ModelScope hub or Hugging Face layout; single or sharded weights), a weights
+            file (official ``.pt``, a ModelScope trainer's ``epoch_N.pth`` / ``iter_N.pth`` / ``best_*.pth``,
+            ``.bin``, ``.safetensors``, a sharded-weights ``*.index.json``) or a ModelScope hub id (downloaded
+            with ModelScope's hub client).
         config: override the architecture: a :class:`CLIPConfig`, an architecture name or a config JSON path.
             By default it comes from the source's own config files, else from the weights' shapes.
         revision: hub revision for a hub id.
@@ -168,7 +209,8 @@ def read_source(source: str | os.PathLike, config: CLIPConfig | str | os.PathLik
         return _read_dir(path, cfg)
     if path.is_file():
         sd, detected = to_official(read_checkpoint(path))
-        return Checkpoint(sd, cfg or infer_config(sd), DEFAULT_VOCAB, detected, str(path))
+        config, guessed = (cfg, ()) if cfg else guess_config(sd)
+        return Checkpoint(sd, config, DEFAULT_VOCAB, detected, str(path), guessed)
     if _looks_like_hub_id(str(source)):
         from modelscope.hub.snapshot_download import snapshot_download
         logger.info('downloading %s from the ModelScope hub', source)
@@ -210,12 +252,29 @@ def _contiguous(sd: StateDict) -> StateDict:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def _write_plugin(ckpt: Checkpoint, d: Path, configuration: dict[str, Any] | None) -> None:
-    from safetensors.torch import save_file
+def _plugin_config_dict(ckpt: Checkpoint) -> dict[str, Any]:
+    """``cnclip_config.json``: the config, plus the informational ``name`` and (if any) ``guessed`` fields."""
+    info: dict[str, Any] = {'name': ckpt.name}
+    if ckpt.guessed:
+        info['guessed'] = list(ckpt.guessed)
+    return {**info, **ckpt.config.to_dict()}
+
+
+def _write_plugin(ckpt: Checkpoint, d: Path, configuration: dict[str, Any] | None,
+                  max_shard_size: int | str | None = None) -> None:
     _write_json(d / 'configuration.json', configuration or default_configuration())
-    ckpt.config.save(d / PLUGIN_CONFIG, name=ckpt.name)
-    save_file(_contiguous(ckpt.state_dict), str(d / PLUGIN_WEIGHTS), metadata={'format': 'pt'})
+    _write_json(d / PLUGIN_CONFIG, _plugin_config_dict(ckpt))
+    save_weights(_contiguous(ckpt.state_dict), d, max_shard_size)
     shutil.copyfile(ckpt.vocab_file, d / 'vocab.txt')
+
+
+def _check_shardable(to: str, max_shard_size: int | str | None) -> None:
+    if max_shard_size is None:
+        return
+    if to == 'hub':
+        raise ValueError("the hub layout cannot be sharded: ModelScope's built-in CLIP class reads exactly one "
+                         "pytorch_model.bin. Drop --max-shard-size (max_shard_size=), or write --to plugin or --to hf")
+    parse_shard_size(max_shard_size)
 
 
 def _write_hub(ckpt: Checkpoint, d: Path) -> None:
@@ -234,40 +293,48 @@ def _write_hub(ckpt: Checkpoint, d: Path) -> None:
     torch.save({'state_dict': sd}, d / 'pytorch_model.bin')
 
 
-def _write_hf(ckpt: Checkpoint, d: Path) -> None:
+def _write_hf(ckpt: Checkpoint, d: Path, max_shard_size: int | str | None = None) -> None:
     from .hf import write_hf_files
-    write_hf_files(official_to_hf(_contiguous(ckpt.state_dict)), ckpt.config, ckpt.vocab_file, d)
+    write_hf_files(official_to_hf(_contiguous(ckpt.state_dict)), ckpt.config, ckpt.vocab_file, d, max_shard_size)
 
 
 def write_dir(ckpt: Checkpoint, dst: str | os.PathLike, to: str = 'plugin', overwrite: bool = False,
-              configuration: dict[str, Any] | None = None) -> Path:
-    """Write ``ckpt`` as a model dir of layout ``to`` (``plugin``, ``hub`` or ``hf``), atomically."""
+              configuration: dict[str, Any] | None = None, max_shard_size: int | str | None = None) -> Path:
+    """Write ``ckpt`` as a model dir of layout ``to`` (``plugin``, ``hub`` or ``hf``), atomically.
+
+    ``max_shard_size`` (``'2GB'``, bytes; ``plugin`` and ``hf`` only) splits the weights into safetensors shards
+    of at most that size plus a ``model.safetensors.index.json``, as transformers' ``save_pretrained`` does.
+    """
     if to not in LAYOUTS:
         raise ValueError(f'unknown target layout {to!r}; choose one of {list(LAYOUTS)}')
+    _check_shardable(to, max_shard_size)
     dst = Path(dst)
     with _atomic_dir(dst, overwrite) as tmp:
         if to == 'plugin':
-            _write_plugin(ckpt, tmp, configuration)
+            _write_plugin(ckpt, tmp, configuration, max_shard_size)
         elif to == 'hub':
             _write_hub(ckpt, tmp)
         else:
-            _write_hf(ckpt, tmp)
+            _write_hf(ckpt, tmp, max_shard_size)
     logger.info('wrote %s (%s layout, %s)', dst, to, ckpt.name)
     return dst
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = 'plugin',
-            config: CLIPConfig | str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+            config: CLIPConfig | str | os.PathLike | None = None, overwrite: bool = False,
+            max_shard_size: int | str | None = None) -> Path:
     """Convert any readable checkpoint (see :func:`read_source`) into a ``plugin``, ``hub`` or ``hf`` model dir.
 
     The architecture is detected from the weights' shapes unless the source describes itself or ``config``
-    is given. Returns the written directory.
+    is given (fields it had to guess are recorded in a plugin dir's ``cnclip_config.json``). ``max_shard_size``
+    (e.g. ``'2GB'``) shards the ``plugin`` and ``hf`` layouts' weights. Returns the written directory.
     """
     if to not in LAYOUTS:
         raise ValueError(f'unknown target layout {to!r}; choose one of {list(LAYOUTS)}')
+    _check_shardable(to, max_shard_size)
     ckpt = read_source(src, config)
     _check_fits(ckpt)
-    return write_dir(ckpt, dst, to, overwrite)
+    return write_dir(ckpt, dst, to, overwrite, max_shard_size=max_shard_size)
 
 
 def _check_fits(ckpt: Checkpoint) -> None:

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, ChineseCLIPConfig, ChineseCLIPModel
 
-from modelscope_cnclip import convert, load
+from modelscope_cnclip import convert, load, read_source
+from modelscope_cnclip.cli import main
 from modelscope_cnclip.hf import config_to_hf
 
 from conftest import TINY_VIT
@@ -61,3 +62,52 @@ def test_hf_config_must_be_chinese_clip_shaped(tmp_path):
     bad['vision_config']['intermediate_size'] = 100
     with pytest.raises(ValueError, match='intermediate_size = 4 x hidden_size'):
         config_from_hf(bad)
+
+
+def _save_sharded(hf, d, fmt):
+    """A sharded transformers dir: transformers' own save_pretrained (safetensors), or the .bin form that
+    transformers 4.x wrote with safe_serialization=False (transformers 5 writes safetensors only, so the .bin form
+    comes from huggingface_hub's writer, which transformers 4.x used)."""
+    hf.save_pretrained(d, max_shard_size='200KB', safe_serialization=fmt == 'safetensors')
+    if fmt == 'bin' and not (d / 'pytorch_model.bin.index.json').is_file():
+        from huggingface_hub import save_torch_state_dict
+        for f in d.glob('model*.safetensors*'):
+            f.unlink()
+        save_torch_state_dict(hf.state_dict(), d, max_shard_size='200KB', safe_serialization=False)
+    index = {'safetensors': 'model.safetensors.index.json', 'bin': 'pytorch_model.bin.index.json'}[fmt]
+    weight_map = json.loads((d / index).read_text())['weight_map']
+    assert len(set(weight_map.values())) > 1
+
+
+@pytest.mark.parametrize('fmt', ['safetensors', 'bin'])
+def test_sharded_transformers_dir_loads_like_the_single_file(tmp_path, images, fmt):
+    torch.manual_seed(0)
+    hf = ChineseCLIPModel(ChineseCLIPConfig(**config_to_hf(TINY_VIT))).eval()
+    hf.save_pretrained(tmp_path / 'single')
+    _save_sharded(hf, tmp_path / 'sharded', fmt)
+    single, sharded = load(tmp_path / 'single'), load(tmp_path / 'sharded')
+    assert sharded.config == TINY_VIT and read_source(tmp_path / 'sharded').layout == 'hf'
+    pixels = single.transform.batch(images)
+    ids = single.tokenizer(TEXTS)['input_ids']
+    assert torch.equal(sharded.model.encode_image(pixels), single.model.encode_image(pixels))
+    assert torch.equal(sharded.model.encode_text(ids), single.model.encode_text(ids))
+    want_img, _ = _features(hf, pixels, ids)
+    assert torch.allclose(sharded.model.encode_image(pixels), want_img, atol=1e-5, rtol=0)
+
+
+def test_our_sharded_hf_dir_loads_in_transformers(tmp_path, hub_vit_dir, images, capsys):
+    out = convert(hub_vit_dir, tmp_path / 'hf', to='hf', max_shard_size='300KB')
+    assert not (out / 'model.safetensors').exists() and len(list(out.glob('model-*-of-*.safetensors'))) > 1
+    hf, info = ChineseCLIPModel.from_pretrained(out, output_loading_info=True)
+    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys']
+    ours = load(hub_vit_dir)
+    pixels = ours.transform.batch(images)
+    ids = ours.tokenizer(TEXTS)['input_ids']
+    want_img, want_txt = _features(hf.eval(), pixels, ids)
+    assert torch.allclose(ours.model.encode_image(pixels), want_img, atol=1e-5, rtol=0)
+    assert torch.allclose(ours.model.encode_text(ids), want_txt, atol=1e-5, rtol=0)
+    again = load(out)
+    assert torch.equal(again.model.encode_image(pixels), ours.model.encode_image(pixels))
+    assert main(['info', str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown['layout'] == 'hf' and shown['guessed'] == [] and shown['config'] == TINY_VIT.to_dict()
