@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
     p.add_argument('--config', help=config_help)
     p.add_argument('--predictions-dir', help='also write the official top-10 prediction files (t2i, i2t) and the '
-                   'i2t ground truth there, for `cnclip score` or the official scorers')
+                   'i2t ground truth there, for `cnclip score` or the official scorers; required for an unlabelled '
+                   'split (texts with "image_ids": [], e.g. MUGE test), whose submission files are all it makes')
 
     p = add('score', _cmd_score, 'score an official top-10 prediction file (the official evaluation.py numbers)')
     p.add_argument('predictions', help='jsonl: {"text_id", "image_ids"} (t2i) or {"image_id", "text_ids"} (i2t)')

@@ -3,6 +3,11 @@
 Official format, per split: ``{split}_imgs.tsv`` (``image_id<TAB>base64 image`` per line) and
 ``{split}_texts.jsonl`` (``{"text_id", "text", "image_ids": [...]}`` per line). Images are indexed by file offset
 and decoded on demand, so a large split costs no memory up front.
+
+Ids are compared as the official code compares them: as strings (``"{}".format(id)`` in its LMDB build and its
+dataset look-ups), so a jsonl id ``"1000"`` names the tsv image ``1000``. Inside, every id has one canonical form
+(:func:`canonical_id`: ``1000`` for both). Files saved by Windows tools (a UTF-8 byte-order mark, ``\\r\\n`` line
+ends) are read as the official tools read them; ids that still do not match are reported with the reason.
 """
 from __future__ import annotations
 
@@ -14,54 +19,180 @@ import logging
 import os
 import pickle
 import random
+import re
 from dataclasses import dataclass
+from decimal import Decimal
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
-__all__ = ['TextRecord', 'OfficialSplit', 'open_split', 'parse_id', 'read_jsonl', 'read_texts_jsonl',
-           'write_official_split', 'make_synthetic_split', 'LmdbSplit', 'write_lmdb_split']
+__all__ = ['TextRecord', 'OfficialSplit', 'open_split', 'parse_id', 'id_key', 'canonical_id', 'read_jsonl',
+           'read_texts_jsonl', 'write_official_split', 'make_synthetic_split', 'LmdbSplit', 'write_lmdb_split']
 
 logger = logging.getLogger(__name__)
+
+BOM = '\ufeff'
+_NUMBER = re.compile(r'[+-]?\d+(\.\d*)?')
 
 
 @dataclass(frozen=True)
 class TextRecord:
+    """One line of ``{split}_texts.jsonl``, its ids in canonical form (:func:`canonical_id`)."""
+
     text_id: int | str
     text: str
     image_ids: tuple
 
 
+# --- ids as the official tools compare them ----------------------------------------------------------------------
+
+def id_key(value: Any) -> str:
+    """The string an id is looked up by in the official tools (``"{}".format(id)``): ``1000`` and ``"1000"``
+    are the same image, ``1000.0`` and ``"01000"`` are not."""
+    return '{}'.format(value)
+
+
+def parse_id(raw: str) -> int | str:
+    """An id read as text (a tsv or LMDB key): an int when the text is an int's own decimal form (``"1000"``),
+    else the text itself (``"01000"``, ``"1000.0"``, ``"a7"``), so that ``id_key(parse_id(s)) == s``."""
+    return int(raw) if raw.isascii() and raw.isdigit() and (raw == '0' or raw[0] != '0') else raw
+
+
+def canonical_id(value: Any, where: str = 'id') -> int | str:
+    """An id from a JSON or pickled value in the one form used inside: ``parse_id(id_key(value))`` (``"1000"``
+    and ``1000`` -> ``1000``; ``1000.0`` -> ``"1000.0"``, which matches no image ``1000``, as in the official code).
+
+    Raises:
+        ValueError: ``value`` is not an int, a string or a float (``where`` names the file and line).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+        raise ValueError(f'{where}: id {value!r} must be an integer or a string')
+    return parse_id(id_key(value))
+
+
+def _plain(key: str) -> str:
+    return key.replace(BOM, '').strip()
+
+
+def _number(key: str) -> Decimal | None:
+    text = _plain(key)
+    return Decimal(text) if _NUMBER.fullmatch(text) else None
+
+
+def _mismatch_cause(key: str, plain: Mapping[str, str], numbers: Mapping[Decimal, str]) -> tuple[str, str | None]:
+    """Why the id ``key`` is not among the keys: ``(cause, the key it probably means)``."""
+    near = plain.get(_plain(key))
+    if near is not None:
+        cause = 'a UTF-8 byte-order mark (BOM, U+FEFF) inside the id' if BOM in key + near else 'surrounding whitespace'
+        return cause, near
+    number = _number(key)
+    near = numbers.get(number) if number is not None else None
+    if near is not None:
+        return ('a whole number written as a decimal' if '.' in key + near else 'leading zeros'), near
+    return 'absent', None
+
+
+def id_mismatch_error(where: str, missing: Sequence[Any], keys: Collection[str], images: str) -> ValueError:
+    """The error for the image ids ``missing`` of ``where`` that ``images`` (with id ``keys``) lacks. It names the
+    cause of each kind of mismatch (surrounding whitespace, a BOM, ``1000.0`` vs ``1000``, leading zeros, or
+    simply absent) with a few examples of both sides."""
+    plain = {_plain(k): k for k in keys}
+    numbers = {n: k for k in keys if (n := _number(k)) is not None}
+    by_cause: dict[str, list[tuple[Any, str | None]]] = {}
+    for image_id in missing:
+        cause, near = _mismatch_cause(id_key(image_id), plain, numbers)
+        by_cause.setdefault(cause, []).append((image_id, near))
+    parts = []
+    for cause, found in by_cause.items():
+        more = ', ...' if len(found) > 3 else ''
+        if cause == 'absent':
+            shown = ', '.join(repr(i) for i, _ in found[:3])
+            parts.append(f'{len(found)} absent ({shown}{more}; {images} holds {len(keys)} ids such as '
+                         f'{[parse_id(k) for k in islice(keys, 3)]})')
+        else:
+            shown = ', '.join(f'{i!r} vs {parse_id(k)!r} there' for i, k in found[:3])
+            parts.append(f'{len(found)} differ only by {cause} ({shown}{more})')
+    return ValueError(f'{where}: image ids {list(missing[:5])} are not in {images}: {"; ".join(parts)}. Ids are '
+                      f'compared as strings, as the official tools do ("{{}}".format(id): 1000 and "1000" match; '
+                      f'"01000", "1000.0" and " 1000" do not): write each id the same way in both files')
+
+
+# --- the official tsv + jsonl form ---------------------------------------------------------------------------------
+
 def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
-    """``(line number, parsed JSON)`` of each non-blank line of a jsonl file; errors name the file and line."""
+    """``(line number, parsed JSON)`` of each non-blank line of a jsonl file; errors name the file and line.
+
+    Accepts what Windows tools write: a UTF-8 byte-order mark (also at the start of a later line, as in files
+    joined with ``cat``) and ``\\r\\n`` line ends.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'{path} not found')
     out = []
     with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f'{path}:{n}: not a JSON object ({e})') from None
+        try:
+            for n, line in enumerate(f, 1):
+                line = line.lstrip(BOM)
+                if not line.strip():
+                    continue
+                try:
+                    out.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f'{path}:{n}: not a JSON object ({e})') from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f'{path}: not UTF-8 text ({e}); save it as UTF-8') from None
     return out
 
 
 def read_texts_jsonl(path: str | Path) -> list[TextRecord]:
-    """Read ``{split}_texts.jsonl``; errors name the file and line."""
+    """Read ``{split}_texts.jsonl`` with canonical ids; a missing ``image_ids`` is ``[]`` (an unlabelled text, as
+    in MUGE's test set). Errors name the file and line."""
     records = []
     for n, obj in read_jsonl(path):
+        where = f'{path}:{n}'
         try:
-            rec = TextRecord(obj['text_id'], obj['text'], tuple(obj.get('image_ids', ())))
+            text_id, text, image_ids = obj['text_id'], obj['text'], obj.get('image_ids', [])
         except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f'{path}:{n}: expected {{"text_id", "text", "image_ids"}} JSON ({e!r})') from None
-        if not isinstance(rec.text, str):
-            raise ValueError(f'{path}:{n}: "text" must be a string')
-        records.append(rec)
+            raise ValueError(f'{where}: expected {{"text_id", "text", "image_ids"}} JSON ({e!r})') from None
+        if not isinstance(text, str):
+            raise ValueError(f'{where}: "text" must be a string')
+        if not isinstance(image_ids, list):
+            raise ValueError(f'{where}: "image_ids" must be a list of ids (e.g. [1000]), got {image_ids!r}')
+        records.append(TextRecord(canonical_id(text_id, where), text,
+                                  tuple(canonical_id(i, where) for i in image_ids)))
     return records
+
+
+_UTF16_BOMS = (b'\xff\xfe', b'\xfe\xff')
+
+
+def _index_tsv(path: Path) -> dict[str, int]:
+    """``{image id: byte offset of its line}`` of an ``image_id<TAB>base64`` file. Ids lose a BOM and surrounding
+    whitespace; blank lines are skipped; a repeated id keeps its last line (as the official LMDB build does)."""
+    offsets: dict[str, int] = {}
+    repeated = 0
+    with open(path, 'rb') as f:
+        offset = 0
+        for n, line in enumerate(f, 1):
+            if n == 1 and line[:2] in _UTF16_BOMS:
+                raise ValueError(f'{path}: the file is UTF-16 (Windows "Unicode" text); save it as UTF-8')
+            key, sep, _ = line.partition(b'\t')
+            if sep:
+                try:
+                    image_id = key.decode('utf-8').lstrip(BOM).strip()
+                except UnicodeDecodeError:
+                    raise ValueError(f'{path}:{n}: image id {key[:40]!r} is not UTF-8 text; save the file as UTF-8'
+                                     ) from None
+                repeated += image_id in offsets
+                offsets[image_id] = offset
+            elif line.strip():
+                raise ValueError(f'{path}:{n}: expected "image_id<TAB>base64"')
+            offset += len(line)
+    if repeated:
+        logger.warning('%s: %d image ids appear on more than one line; the last line of each is used', path, repeated)
+    return offsets
 
 
 class OfficialSplit:
@@ -70,6 +201,9 @@ class OfficialSplit:
     Args:
         data_dir: folder with ``{split}_imgs.tsv`` and ``{split}_texts.jsonl``.
         split: ``'train'``, ``'valid'``, ``'test'``, ...
+    Raises:
+        FileNotFoundError: a file is missing. ValueError: a malformed line, or image ids of the texts that the tsv
+            lacks, with the cause (whitespace, a BOM, ``1000.0``, leading zeros, or absent).
     """
 
     def __init__(self, data_dir: str | Path, split: str) -> None:
@@ -81,28 +215,28 @@ class OfficialSplit:
             raise FileNotFoundError(f'{d}: split {split!r} needs {missing} (official Chinese-CLIP format); '
                                     f'found {found}')
         self.texts = read_texts_jsonl(texts_path)
-        self._offsets: dict = {}
-        with open(self.imgs_path, 'rb') as f:
-            offset = 0
-            for n, line in enumerate(f, 1):
-                key, sep, _ = line.partition(b'\t')
-                if not sep:
-                    raise ValueError(f'{self.imgs_path}:{n}: expected "image_id<TAB>base64"')
-                image_id = parse_id(key.decode('utf-8').strip())
-                self._offsets[image_id] = offset
-                offset += len(line)
-        unknown = sorted({i for t in self.texts for i in t.image_ids if i not in self._offsets}, key=str)
+        self._offsets = _index_tsv(self.imgs_path)
+        self._image_ids = [parse_id(k) for k in self._offsets]
+        unknown = list(dict.fromkeys(i for t in self.texts for i in t.image_ids if id_key(i) not in self._offsets))
         if unknown:
-            raise ValueError(f'{texts_path}: image ids {unknown[:5]} are not in {self.imgs_path.name}')
+            raise id_mismatch_error(str(texts_path), unknown, self._offsets.keys(), self.imgs_path.name)
 
     @property
     def image_ids(self) -> list:
-        return list(self._offsets)
+        """Every image id of the tsv, in file order."""
+        return list(self._image_ids)
 
     def image_bytes(self, image_id: int | str) -> bytes:
-        """The encoded image of ``image_id``."""
+        """The encoded image of ``image_id`` (``1000`` or ``"1000"``).
+
+        Raises:
+            ValueError: no such image, or not valid base64.
+        """
+        offset = self._offsets.get(id_key(image_id))
+        if offset is None:
+            raise ValueError(f'{self.imgs_path}: no image {image_id!r}')
         with open(self.imgs_path, 'rb') as f:
-            f.seek(self._offsets[image_id])
+            f.seek(offset)
             _, _, b64 = f.readline().partition(b'\t')
         try:
             return base64.urlsafe_b64decode(b64.strip()) if b'-' in b64 or b'_' in b64 else base64.b64decode(b64)
@@ -114,11 +248,6 @@ class OfficialSplit:
         for t in self.texts:
             for image_id in t.image_ids:
                 yield t.text_id, t.text, image_id
-
-
-def parse_id(raw: str) -> int | str:
-    """An image id as the official tools key it: an int when all digits, else the string."""
-    return int(raw) if raw.isdigit() else raw
 
 
 def write_official_split(data_dir: str | Path, split: str, images: dict, texts: list[TextRecord]) -> None:
@@ -175,7 +304,15 @@ def _lmdb_env(path: Path) -> Any:
 class LmdbSplit:
     """One split of the official LMDB form: ``{lmdb_dir}/{split}/imgs`` (image id -> base64) and
     ``{lmdb_dir}/{split}/pairs`` (index -> ``(image_id, text_id, text)``, plus ``num_samples``). Needs ``lmdb``
-    (``pip install modelscope_cnclip[train]``)."""
+    (``pip install modelscope_cnclip[train]``).
+
+    Ids are compared as strings, as in :class:`OfficialSplit`. The form stores (image, text) pairs only: a text
+    without images (an unlabelled test split) is not in it, so :attr:`texts` holds the labelled texts only.
+
+    Raises:
+        FileNotFoundError: a database is missing. ValueError: a malformed pair, or pairs naming images that the
+            imgs database lacks (with the cause, as :class:`OfficialSplit` reports it).
+    """
 
     def __init__(self, lmdb_dir: str | Path, split: str) -> None:
         try:
@@ -187,22 +324,42 @@ class LmdbSplit:
         if not (d / 'imgs').is_dir() or not (d / 'pairs').is_dir():
             raise FileNotFoundError(f'{d}: expected LMDB databases imgs/ and pairs/ (official Chinese-CLIP LMDB form)')
         self._imgs_path = d / 'imgs'
+        with _lmdb_env(self._imgs_path).begin() as txn:
+            raw_keys = [k for k in txn.cursor().iternext(keys=True, values=False) if k != b'num_images']
+        # id -> the key as stored (one written from a tsv with a BOM keeps it)
+        self._keys = {k.decode('utf-8', 'replace').lstrip(BOM).strip(): k for k in raw_keys}
         with _lmdb_env(d / 'pairs').begin() as txn:
-            n = int(txn.get(b'num_samples').decode())
-            self.pairs_list = [_unpickle_pair(txn.get(str(i).encode()), f'{d}/pairs[{i}]') for i in range(n)]
+            count = txn.get(b'num_samples')
+            if count is None:
+                raise ValueError(f'{d}/pairs: no num_samples key; is it an official Chinese-CLIP pairs database?')
+            self.pairs_list = [self._pair(txn.get(str(i).encode()), f'{d}/pairs[{i}]') for i in range(int(count))]
+        unknown = list(dict.fromkeys(i for i, _, _ in self.pairs_list if id_key(i) not in self._keys))
+        if unknown:
+            raise id_mismatch_error(f'{d}/pairs', unknown, self._keys.keys(), f'{d}/imgs')
+
+    @staticmethod
+    def _pair(raw: bytes | None, where: str) -> tuple[int | str, int | str, str]:
+        if raw is None:
+            raise ValueError(f'{where}: missing (num_samples counts more pairs than the database holds)')
+        image_id, text_id, text = _unpickle_pair(raw, where)
+        return canonical_id(image_id, where), canonical_id(text_id, where), text
 
     @property
     def image_ids(self) -> list:
         """Every image id in the imgs database, in key order (the ``num_images`` count key left out)."""
-        with _lmdb_env(self._imgs_path).begin() as txn:
-            keys = [k.decode('utf-8') for k in txn.cursor().iternext(keys=True, values=False)]
-        return [parse_id(k) for k in keys if k != 'num_images']
+        return [parse_id(k) for k in self._keys]
 
     def image_bytes(self, image_id: int | str) -> bytes:
+        """The encoded image of ``image_id`` (``1000`` or ``"1000"``).
+
+        Raises:
+            ValueError: no such image.
+        """
+        key = self._keys.get(id_key(image_id))
         with _lmdb_env(self._imgs_path).begin() as txn:
-            raw = txn.get(str(image_id).encode())
+            raw = txn.get(key) if key is not None else None
         if raw is None:
-            raise ValueError(f'image {image_id!r} is not in the LMDB imgs database')
+            raise ValueError(f'image {image_id!r} is not in the LMDB imgs database {self._imgs_path}')
         return base64.urlsafe_b64decode(raw)
 
     def pairs(self) -> Iterator[tuple[int | str, str, int | str]]:
@@ -212,7 +369,8 @@ class LmdbSplit:
 
     @property
     def texts(self) -> list[TextRecord]:
-        """The split's texts with all their images, in order of first appearance (like the jsonl's records)."""
+        """The split's labelled texts with all their images, in order of first appearance (like the jsonl's
+        records; texts without images are not stored in the LMDB form)."""
         grouped: dict = {}
         for image_id, text_id, text in self.pairs_list:
             grouped.setdefault(text_id, (text, []))[1].append(image_id)

@@ -193,3 +193,162 @@ def test_cli_eval_writes_predictions_and_score_reproduces_them(tmp_path, plugin_
         assert {k: round(v, 4) for k, v in scored.items()} == metrics[direction]
     assert main(['score', str(out / 'valid_predictions.jsonl'), str(tmp_path / 'nope.jsonl')]) == 2
     assert 'nope.jsonl not found' in capsys.readouterr().err
+
+
+# --- unlabelled splits (MUGE's test form) -----------------------------------------------------------------------------
+
+def write_texts(d, split: str, texts) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f'{split}_texts.jsonl').write_text(''.join(
+        json.dumps({'text_id': t.text_id, 'text': t.text, 'image_ids': list(t.image_ids)}, ensure_ascii=False) + '\n'
+        for t in texts), encoding='utf-8')
+
+
+def read_lines(path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cli_eval_of_an_unlabelled_split_writes_the_submission_files(tmp_path, plugin_vit_dir, capsys, caplog):
+    split = make_synthetic_split(tmp_path / 'labelled', 'test', 14, seed=6)
+    make_synthetic_split(tmp_path / 'd', 'test', 14, seed=6)
+    write_texts(tmp_path / 'd', 'test', [TextRecord(t.text_id, t.text, ()) for t in split.texts])
+    base = ['eval', str(plugin_vit_dir), '--data', str(tmp_path / 'd'), '--split', 'test']
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "none of the 14 texts of split 'test' has image_ids" in err and 'no ground truth to score' in err
+    assert 'Pass predictions_dir (CLI: --predictions-dir DIR)' in err
+    out = tmp_path / 'submit'
+    assert main(base + ['--predictions-dir', str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res['t2i'] is None and res['i2t'] is None and res['unlabelled_texts'] == 14
+    assert res['note'].startswith('no ground truth to score: none of the 14 texts of test has image_ids')
+    assert 'no ground truth to score' in caplog.text  # logged too (stderr)
+    assert sorted(p.name for p in out.iterdir()) == ['test_predictions.jsonl', 'test_tr_predictions.jsonl']
+    t2i, i2t = read_lines(out / 'test_predictions.jsonl'), read_lines(out / 'test_tr_predictions.jsonl')
+    assert [r['text_id'] for r in t2i] == [t.text_id for t in split.texts]
+    assert [r['image_id'] for r in i2t] == split.image_ids
+    assert all(len(set(r['image_ids'])) == 10 for r in t2i) and all(len(set(r['text_ids'])) == 10 for r in i2t)
+    # the same rankings as the labelled split's
+    assert main(['eval', str(plugin_vit_dir), '--data', str(tmp_path / 'labelled'), '--split', 'test',
+                 '--predictions-dir', str(tmp_path / 'labelled' / 'p')]) == 0
+    for name in ('test_predictions.jsonl', 'test_tr_predictions.jsonl'):
+        assert (out / name).read_text() == (tmp_path / 'labelled' / 'p' / name).read_text()
+
+
+def test_partly_labelled_split_scores_the_labelled_texts(tmp_path, plugin_vit_dir, caplog):
+    from modelscope_cnclip import load
+    from modelscope_cnclip.evaluation import evaluate_split
+    split = make_synthetic_split(tmp_path, 'valid', 16, seed=7, unique=True)
+    labelled = [t for t in split.texts if t.text_id % 2 == 0]
+    write_texts(tmp_path / 'only', 'valid', labelled)
+    (tmp_path / 'only' / 'valid_imgs.tsv').write_bytes((tmp_path / 'valid_imgs.tsv').read_bytes())
+    write_texts(tmp_path, 'valid', [t if t in labelled else TextRecord(t.text_id, t.text, ()) for t in split.texts])
+    model = load(plugin_vit_dir)
+    res = evaluate_split(model, tmp_path, 'valid', predictions_dir=tmp_path / 'p')
+    assert res['unlabelled_texts'] == 8 and '8 of 16 texts of valid have no image_ids' in caplog.text
+    assert res['t2i'] == evaluate_split(model, tmp_path / 'only', 'valid')['t2i']  # images rank the same
+    assert len(read_lines(tmp_path / 'p' / 'valid_predictions.jsonl')) == 16  # every text is predicted
+    i2t = score_predictions(tmp_path / 'p' / 'valid_tr_predictions.jsonl', tmp_path / 'p' / 'valid_texts.tr.jsonl',
+                            'i2t')
+    assert {k: round(v, 4) for k, v in i2t.items()} == res['i2t']
+    # the official scorer counts the unlabelled texts as misses (with a warning): half the hits' share
+    caplog.clear()
+    t2i = score_predictions(tmp_path / 'p' / 'valid_predictions.jsonl', tmp_path / 'valid_texts.jsonl')
+    assert t2i['r10'] == pytest.approx(res['t2i']['r10'] / 2, abs=1e-3)
+    assert '8 of 16 text_ids have no correct image_id; they count as misses' in caplog.text
+
+
+def test_score_refuses_an_unlabelled_ground_truth_and_warns_on_a_partial_one(tmp_path, caplog, capsys):
+    gt = read_lines(SCORING / 'gt.jsonl')
+    # texts 4 and 8 are misses in the golden predictions: without their labels the official numbers are unchanged
+    (tmp_path / 'partial.jsonl').write_text(''.join(
+        json.dumps(dict(r, image_ids=[] if r['text_id'] in (4, 8) else r['image_ids'])) + '\n' for r in gt))
+    assert score_predictions(SCORING / 'pred_t2i.jsonl', tmp_path / 'partial.jsonl') == official_result('out_t2i.json')
+    assert '2 of 12 text_ids have no correct image_id; they count as misses' in caplog.text
+    assert '4 (line 4), 8 (line 8)' in caplog.text
+    (tmp_path / 'none.jsonl').write_text(''.join(json.dumps(dict(r, image_ids=[])) + '\n' for r in gt))
+    with pytest.raises(ValueError, match=r'none.jsonl: none of the 12 text_ids has a correct image_id .*an unlabelled '
+                                         r'ground truth, like a test split, has nothing to score'):
+        score_predictions(SCORING / 'pred_t2i.jsonl', tmp_path / 'none.jsonl')
+    with pytest.raises(ValueError, match=r'none.jsonl: no text lists an image: an unlabelled ground truth'):
+        score_predictions(SCORING / 'pred_i2t.jsonl', tmp_path / 'none.jsonl', 'i2t')
+    assert main(['score', str(SCORING / 'pred_t2i.jsonl'), str(tmp_path / 'none.jsonl')]) == 2
+    assert 'nothing to score' in capsys.readouterr().err
+
+
+def test_lmdb_form_of_an_unlabelled_split_says_what_to_do(tmp_path, plugin_vit_dir):
+    pytest.importorskip('lmdb')
+    from modelscope_cnclip import load
+    from modelscope_cnclip.data import write_lmdb_split
+    from modelscope_cnclip.evaluation import evaluate_split
+    split = make_synthetic_split(tmp_path, 'test', 12, seed=2)
+    write_texts(tmp_path, 'test', [TextRecord(t.text_id, t.text, ()) for t in split.texts])
+    write_lmdb_split(OfficialSplit(tmp_path, 'test'), tmp_path / 'lmdb', 'test')  # no pairs: texts are not stored
+    with pytest.raises(ValueError, match=r"split 'test' has no texts to evaluate. The LMDB form stores \(image, text\) "
+                                         r'pairs only, .*evaluate the tsv \+ jsonl form'):
+        evaluate_split(load(plugin_vit_dir), tmp_path / 'lmdb', 'test', predictions_dir=tmp_path / 'p')
+
+
+# --- bounded memory: streamed images, rankings in query chunks -------------------------------------------------------
+
+def test_chunked_ranking_equals_unchunked(monkeypatch):
+    from modelscope_cnclip import evaluation
+    from modelscope_cnclip.evaluation import rank_both
+    g = torch.Generator().manual_seed(2)
+    img = F.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    txt = F.normalize(img[torch.arange(33) % 40] + torch.randn(33, 16, generator=g), dim=-1)
+    ids = list(range(700, 740))
+    truth = [[700 + t % 40] + ([700 + (5 * t) % 40] if t % 3 == 0 else []) for t in range(33)]
+    want = retrieval_metrics(img, ids, txt, truth)
+    assert 0 < want['t2i']['r1'] < 100 and 0 < want['i2t']['r5'] < 100
+    seen = []
+    real = evaluation._topk_indices
+    monkeypatch.setattr(evaluation, '_topk_indices', lambda s, k: seen.append(s.shape[0]) or real(s, k))
+    assert retrieval_metrics(img, ids, txt, truth, chunk=7) == want
+    assert max(seen) <= 7  # never more than 7 rows of scores at once
+    scores = txt @ img.T
+    t2i, i2t = rank_both(txt, img, chunk=7)
+    assert t2i.tolist() == [r for _, r in topk_predictions(scores, range(33), range(40))]
+    assert i2t.tolist() == [r for _, r in topk_predictions(scores.T, range(40), range(33))]
+
+
+def test_chunked_ranking_keeps_the_official_tie_order():
+    from modelscope_cnclip.evaluation import rank_both
+    g = torch.Generator().manual_seed(3)
+    # small integers: every product is exact, so equal scores are equal whatever the chunk
+    img, txt = torch.randint(0, 3, (30, 4), generator=g).float(), torch.randint(0, 3, (25, 4), generator=g).float()
+    scores = txt @ img.T
+    for chunk in (1, 7, None):
+        t2i, i2t = rank_both(txt, img, chunk=chunk)
+        for q in range(25):  # make_topk_predictions.py: a stable sort by score, descending
+            assert t2i[q].tolist() == sorted(range(30), key=lambda c: -scores[q, c].item())[:10]
+        for q in range(30):
+            assert i2t[q].tolist() == sorted(range(25), key=lambda c: -scores[c, q].item())[:10]
+
+
+def test_evaluate_split_streams_images_and_chunks_give_the_same_files(tmp_path, plugin_vit_dir, monkeypatch):
+    from modelscope_cnclip import load
+    from modelscope_cnclip.evaluation import evaluate_split
+    make_synthetic_split(tmp_path, 'valid', 20, seed=7)
+    model = load(plugin_vit_dir)
+    full = evaluate_split(model, tmp_path, 'valid', batch_size=4, predictions_dir=tmp_path / 'a')
+    calls = []
+    real = model.encode_image
+    monkeypatch.setattr(model, 'encode_image', lambda images, batch_size=64: calls.append(images) or
+                        real(images, batch_size=batch_size))
+    chunked = evaluate_split(model, tmp_path, 'valid', batch_size=4, predictions_dir=tmp_path / 'b', chunk=7)
+    # decoded pixels a batch at a time, never the list of every encoded image
+    assert all(isinstance(c, torch.Tensor) and c.shape[0] <= 4 for c in calls) and sum(len(c) for c in calls) == 20
+    assert chunked == full
+    for name in ('valid_predictions.jsonl', 'valid_tr_predictions.jsonl', 'valid_texts.tr.jsonl'):
+        assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
+
+
+def test_unreadable_image_in_a_split_is_named(tmp_path, plugin_vit_dir):
+    from modelscope_cnclip import load
+    from modelscope_cnclip.evaluation import evaluate_split
+    split = make_synthetic_split(tmp_path, 'valid', 6, seed=1)
+    images = {i: split.image_bytes(i) for i in split.image_ids}
+    write_official_split(tmp_path, 'valid', {**images, 1003: b'not a jpeg'}, split.texts)
+    with pytest.raises(ValueError, match=r'1 of 6 images cannot be read \(image 1003: ValueError: cannot decode'):
+        evaluate_split(load(plugin_vit_dir), tmp_path, 'valid')

@@ -22,7 +22,7 @@ from modelscope.trainers.hooks.builder import HOOKS
 from modelscope.trainers.hooks.hook import Hook
 from modelscope.utils.config import Config
 
-from ..evaluation import inbatch_recall, retrieval_metrics
+from ..evaluation import evaluate_pairs
 from ..ms.model import MODEL_TYPE, PIPELINE_TYPE, PREPROCESSOR_TYPE, CNClipForMultiModalEmbedding, plugin_configuration
 from ..sources import default_configuration, write_dir
 from .dataset import EpochShuffleSampler, PairDataset, collate_pairs, read_pairs
@@ -373,37 +373,27 @@ class CNClipTrainer(EpochBasedTrainer):
             raise ValueError('no eval_dataset was given to the trainer; pass eval_dataset=... to evaluate')
         return super().evaluate(*args, **kwargs)
 
-    @torch.inference_mode()
     def evaluation_loop(self, data_loader: Any, metric_classes: Any) -> dict[str, float]:
-        """Global retrieval metrics over the whole eval set, plus the tutorial's in-batch recall."""
+        """Global retrieval metrics over the distinct images and texts of the evaluation pairs, plus the tutorial's
+        in-batch recall over consecutive chunks of ``evaluation.dataloader.batch_size_per_gpu`` pairs.
+
+        The pairs are read directly (each image and text embedded once, images streamed through the threaded
+        decode), not through ``data_loader``: its ``shuffle``/``drop_last`` and the dataset's skip_corrupt
+        replacement would change which pairs are scored. With skip_corrupt, unreadable images and their pairs are
+        left out (logged, and added to ``eval_dataset.skipped``); without it they stop evaluation naming the image.
+        """
         model = getattr(self.model, 'module', self.model)
         model.eval()
-        images, texts, inbatch = [], [], []
-        for batch in data_loader:
-            pixels = batch['pixel_values'].to(next(model.parameters()).device)
-            ids = batch['input_ids'].to(pixels.device)
-            img = torch.nn.functional.normalize(model.clip.encode_image(pixels).float(), dim=-1)
-            txt = torch.nn.functional.normalize(model.clip.encode_text(ids).float(), dim=-1)
-            images.append(img.cpu())
-            texts.append(txt.cpu())
-            inbatch.append((len(img), inbatch_recall(img, txt)))
-        image_emb, text_emb = torch.cat(images), torch.cat(texts)
-        # Official scoring over distinct images and distinct texts: a text's correct images are all the images
-        # it is paired with (a text with several images appears in several pairs).
-        image_row: dict = {}
-        text_row: dict = {}
-        text_images: dict = {}
-        for row, (_, text, image_id) in enumerate(self.eval_pairs.pairs):
-            image_row.setdefault(image_id, row)
-            text_row.setdefault(text, row)
-            text_images.setdefault(text, []).append(image_id)
-        ids, texts_ = list(image_row), list(text_row)
-        scores = retrieval_metrics(image_emb[[image_row[i] for i in ids]], ids, text_emb[[text_row[t] for t in texts_]],
-                                   [text_images[t] for t in texts_])
-        total = sum(n for n, _ in inbatch)
+        batch_size = int(self.cfg.safe_get('evaluation.dataloader.batch_size_per_gpu', 64))
+        try:
+            scores = evaluate_pairs(model.core, self.eval_pairs.pairs, batch_size, self.eval_pairs.skip_corrupt)
+        finally:
+            model.train()
+        if scores['skipped']:
+            self.eval_pairs.skipped.extend(i for i in scores['skipped'] if i not in self.eval_pairs.skipped)
+            logger.warning('evaluation: %d unreadable images and their pairs left out: %s', len(scores['skipped']),
+                           scores['skipped'][:10])
         metrics = {f'{d}_recall_at_{k[1:]}' if k != 'mr' else f'{d}_mean_recall': v
-                   for d, vals in scores.items() for k, v in vals.items()}
-        for key in inbatch[0][1]:
-            metrics[key] = sum(n * r[key] for n, r in inbatch) / total
-        model.train()
+                   for d in ('t2i', 'i2t') for k, v in scores[d].items()}
+        metrics.update(scores['inbatch'])
         return metrics
