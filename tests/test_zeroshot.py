@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from modelscope_cnclip import load
 from modelscope_cnclip.cli import main
@@ -114,8 +115,17 @@ def test_matches_official_zeroshot_evaluation(tmp_path, golden_model):
     res = evaluate_zeroshot(model, golden_folder(tmp_path), ZS['classnames'], ZS['templates'], batch_size=4,
                             per_class=True)
     want = torch.tensor(ZS['probs'], dtype=torch.float32)
+    # The one deliberate difference: the reference clips a 16-bit image at 255 (mostly white); the plugin scales it
+    # to 8 bits first (tests/test_parity.py), so that row is the scaled image's prediction.
+    row16 = next(i for i, (p, _) in enumerate(ZS['samples']) if p.endswith('i16.png'))
+    reference_row16 = want[row16].clone()
+    scaled = Image.fromarray(((np.asarray(Image.open(GOLDEN / 'inputs' / 'i16.png')).astype(np.uint32) + 128) //
+                              257).astype(np.uint8))
+    want[row16] = classify(model, [scaled], classifier)[0]
+    assert (want[row16] - reference_row16).abs().max() > 1e-3
     assert (res['logits'] - want).abs().max() < 1e-4
-    assert res['top1'] == pytest.approx(100 * ZS['top1']) and res['n_images'] == 10 and res['n_classes'] == 3
+    top1 = float((want.argmax(1) == torch.tensor([t for _, t in ZS['samples']])).float().mean())
+    assert res['top1'] == pytest.approx(100 * top1) and res['n_images'] == 10 and res['n_classes'] == 3
     assert res['targets'].tolist() == [t for _, t in ZS['samples']] and res['skipped'] == []
     hits = (want.argmax(1) == res['targets']).tolist()
     assert res['per_class'] == pytest.approx([100 * np.mean(hits[i:j]) for i, j in [(0, 3), (3, 6), (6, 10)]])
@@ -128,7 +138,8 @@ def test_matches_official_zeroshot_evaluation(tmp_path, golden_model):
     got, ref = json.loads(text), json.loads(ZS['elevater_json'])
     assert list(got) == list(ref)
     assert {k: v for k, v in got.items() if k != 'predictions'} == {k: v for k, v in ref.items() if k != 'predictions'}
-    assert np.abs(np.array(got['predictions']) - np.array(ref['predictions'])).max() < 1e-4
+    same = [i for i in range(10) if i != row16]
+    assert np.abs(np.array(got['predictions'])[:, same] - np.array(ref['predictions'])[:, same]).max() < 1e-4
     assert all(len(repr(x).split('.')[-1]) <= 6 for row in got['predictions'][0] for x in row)
     assert json.loads(elevater_output(model, 'golden', res['logits'], index=[2, 0]))['predictions'][0] == \
         [got['predictions'][0][2], got['predictions'][0][0]]
