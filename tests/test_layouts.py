@@ -423,3 +423,12 @@ def test_vit_h_would_be_sharded_at_2gb(to):
     for keys in plan.filename_to_tensors.values():
         assert sum(sd[k].numel() * sd[k].element_size() for k in keys) <= 2e9
     assert not shard_plan(sd, '5GB').is_sharded
+
+
+def test_a_saved_model_keeps_its_guessed_fields(tmp_path, vit_sd):
+    """What the trainer writes (save_pretrained of the ModelScope model) still says which fields were guessed."""
+    from modelscope_cnclip.ms import CNClipForMultiModalEmbedding
+    pt = write_official_pt(tmp_path / 'custom.pt', vit_sd)
+    model = CNClipForMultiModalEmbedding(str(pt), device='cpu')
+    model.save_pretrained(tmp_path / 'saved')
+    assert read_source(tmp_path / 'saved').guessed == GUESSED_FIELDS

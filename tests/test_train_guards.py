@@ -59,7 +59,7 @@ def tutorial_config(work_dir: Path, eval_loader: dict | None = None) -> dict:
         'preprocessor': []}
 
 
-# --- the tutorial's configuration --------------------------------------------------------------------------------------
+# --- the tutorial's configuration -------------------------------------------------------------------------------------
 
 def test_tutorial_configuration_runs_as_published(model_dir, tmp_path):
     cfg_file = tmp_path / 'configuration.json'
@@ -110,7 +110,7 @@ def test_merge_config_replaces_lists_and_mismatched_types():
     assert base == default_configuration()  # not modified in place
 
 
-# --- training that cannot learn -----------------------------------------------------------------------------------------
+# --- training that cannot learn ---------------------------------------------------------------------------------------
 
 def test_steps_per_epoch_and_refusals(caplog):
     assert steps_per_epoch(44, 8, 1, drop_last=True) == 5 and steps_per_epoch(44, 8, 1, drop_last=False) == 6
@@ -157,7 +157,7 @@ def test_schedule_is_sized_from_the_real_steps(model_dir, tmp_path):
     assert trainer.optimizer.param_groups[0]['lr'] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at the end
 
 
-# --- spawned DataLoader workers -----------------------------------------------------------------------------------------
+# --- spawned DataLoader workers ---------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_training_in_spawned_workers_on_official_and_lmdb_data(model_dir, tmp_path):
@@ -174,7 +174,8 @@ def test_training_in_spawned_workers_on_official_and_lmdb_data(model_dir, tmp_pa
         if __name__ == '__main__':
             multiprocessing.set_start_method('spawn', force=True)  # macOS/Windows; 3.14 Linux uses forkserver
             for name, source in (('tsv', {str(data)!r}), ('lmdb', {str(tmp_path / 'lmdb')!r})):
-                code = main(['train', {str(model_dir)!r}, '--data', source, '--work-dir', {str(tmp_path)!r} + '/w-' + name,
+                work = {str(tmp_path)!r} + '/w-' + name
+                code = main(['train', {str(model_dir)!r}, '--data', source, '--work-dir', work,
                              '--max-epochs', '1', '--batch-size', '8', '--workers', '2', '--device', 'cpu'])
                 if code:
                     sys.exit(code)

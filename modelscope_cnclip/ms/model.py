@@ -77,6 +77,7 @@ class CNClipForMultiModalEmbedding(TorchModel):
         self.arch = checkpoint.name
         self.source_layout = checkpoint.layout
         self.vocab_file = checkpoint.vocab_file
+        self.guessed = checkpoint.guessed  # config fields read off shapes only; saved dirs keep saying so
         # What pipeline(task, model=<this object>) builds (read before any configuration.json).
         self.pipeline = {'type': PIPELINE_TYPE}
         self.eval()
@@ -112,7 +113,7 @@ class CNClipForMultiModalEmbedding(TorchModel):
         """The current weights (fp32, CPU) as a :class:`Checkpoint`."""
         sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
               for k, v in self.clip.state_dict().items()}
-        return Checkpoint(sd, self.config, self.vocab_file, 'plugin', str(self.model_dir))
+        return Checkpoint(sd, self.config, self.vocab_file, 'plugin', str(self.model_dir), self.guessed)
 
     def save_pretrained(self, target_folder: str | os.PathLike, save_checkpoint_names: Any = None,
                         save_function: Any = None, config: Any = None, save_config_function: Any = None,
