@@ -43,8 +43,8 @@ KS = (1, 5, 10)
 NUM_K = 10  # predictions per query that the official scorer requires
 #: (query key, candidates key) of each direction's prediction and ground-truth lines.
 KEYS = {'t2i': ('text_id', 'image_ids'), 'i2t': ('image_id', 'text_ids')}
-#: Scores computed at once while ranking (128 MB of float32): a chunk is this many elements // candidates rows.
-CHUNK_ELEMENTS = 1 << 25
+#: Scores computed at once while ranking (64 MB of float32): a chunk is this many elements // candidates rows.
+CHUNK_ELEMENTS = 1 << 24
 
 
 # --- ranking in query chunks ----------------------------------------------------------------------------------------
