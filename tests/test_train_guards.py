@@ -17,7 +17,7 @@ from PIL import Image
 import modelscope_cnclip  # noqa: F401  (registers the trainer)
 from modelscope_cnclip.data import make_synthetic_split, open_split, write_lmdb_split
 from modelscope_cnclip.sources import Checkpoint, default_configuration, write_dir
-from modelscope_cnclip.train import steps_per_epoch
+from modelscope_cnclip.train import read_pairs, steps_per_epoch
 from modelscope_cnclip.train.trainer import merge_config
 
 from conftest import TINY_VIT, random_state_dict
@@ -186,3 +186,17 @@ def test_training_in_spawned_workers_on_official_and_lmdb_data(model_dir, tmp_pa
         assert (tmp_path / f'w-{name}' / 'output' / 'model.safetensors').is_file()
     metrics = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{')]
     assert len(metrics) == 2 and all('t2i_recall_at_1' in m for m in metrics)
+
+
+def test_jsonl_pairs_saved_on_windows(tmp_path):
+    """A {"image", "text"} jsonl with a UTF-8 BOM and CRLF line ends reads like a plain one; a bad line is named."""
+    Image.new('RGB', (8, 8)).save(tmp_path / 'a.png')
+    lines = [json.dumps({'image': 'a.png', 'text': '红色'}, ensure_ascii=False), json.dumps({'image': 'a.png',
+                                                                                          'text': '蓝色', 'id': 7})]
+    (tmp_path / 'train.jsonl').write_bytes(('\ufeff' + '\r\n'.join(lines) + '\r\n').encode('utf-8'))
+    pairs = read_pairs(tmp_path / 'train.jsonl')
+    want = [('a.png', '红色', str(tmp_path / 'a.png')), ('a.png', '蓝色', 7)]
+    assert [(Path(p).name, t, i) for p, t, i in pairs] == want
+    (tmp_path / 'bad.jsonl').write_text('{"image": "a.png"}\n', encoding='utf-8')
+    with pytest.raises(ValueError, match=r'bad.jsonl:1: expected \{"image": path, "text": ...\}, got \[\'image\'\]'):
+        read_pairs(tmp_path / 'bad.jsonl')

@@ -1,7 +1,6 @@
 """Training and evaluation pairs from every data source users have, as tensors for the model."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data import LmdbSplit, OfficialSplit
+from ..data import LmdbSplit, OfficialSplit, read_jsonl
 from ..tokenizer import Tokenizer
 from ..transform import ImageTransform
 
@@ -86,14 +85,11 @@ def _official_pairs(split: OfficialSplit | LmdbSplit) -> list[tuple[SplitImage, 
 
 def _jsonl_pairs(path: Path) -> list[tuple[Any, str, Any]]:
     pairs = []
-    for n, line in enumerate(path.read_text(encoding='utf-8').splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            image, text = obj['image'], obj['text']
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f'{path}:{n}: expected {{"image": path, "text": ...}} ({e})') from None
+    for n, obj in read_jsonl(path):  # the one jsonl reader: BOM and CRLF as Windows tools write them
+        if not isinstance(obj, dict) or 'image' not in obj or 'text' not in obj:
+            got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f'{path}:{n}: expected {{"image": path, "text": ...}}, got {got}')
+        image, text = obj['image'], obj['text']
         if isinstance(image, str) and not image.startswith(('http://', 'https://')) and not Path(image).is_absolute():
             image = str(path.parent / image)  # relative to the jsonl's folder
         pairs.append((image, text, obj.get('id', image)))
