@@ -21,7 +21,7 @@ from .config import CLIPConfig, TextConfig, VisionConfig, _registry
 __all__ = ['StateDict', 'read_checkpoint', 'read_sharded', 'shard_plan', 'save_weights', 'parse_shard_size',
            'strip_prefixes', 'find_prefix', 'strip_model_prefix', 'detect_layout', 'clean_official', 'hf_to_official',
            'official_to_hf', 'infer_config', 'guess_config', 'to_official', 'check_state_dict', 'load_strict',
-           'GUESSED_FIELDS']
+           'GUESSED_FIELDS', 'numpy_safe_globals']
 
 logger = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
@@ -110,8 +110,9 @@ def _renamed_trainer_state_message(path: Path) -> str:
             f'X.pth (weights) and X_trainer_state.pth, e.g. epoch_2.pth beside epoch_2_trainer_state.pth')
 
 
-def _numpy_globals() -> list[Any]:
-    """numpy's array reconstruction and its dtype classes: plain data, nothing that runs code."""
+def numpy_safe_globals() -> list[Any]:
+    """numpy's array reconstruction and its dtype classes, for ``torch.serialization.safe_globals``: plain data,
+    nothing that runs code (ModelScope's trainer state keeps numpy RNG state)."""
     import numpy as np
     core = getattr(np, '_core', None) or np.core
     dtypes = getattr(np, 'dtypes', None)
@@ -129,7 +130,7 @@ def _load_numpy_only(path: Path) -> Any:
         names = serialization.get_unsafe_globals_in_checkpoint(str(path))
         if not names or not all(n.startswith('numpy.') for n in names):
             return None
-        with serialization.safe_globals(_numpy_globals()):
+        with serialization.safe_globals(numpy_safe_globals()):
             return torch.load(path, map_location='cpu', weights_only=True)
     except (RuntimeError, ValueError, OSError, AttributeError, ImportError, pickle.UnpicklingError):
         return None  # only a probe for a better message: the caller raises its own error

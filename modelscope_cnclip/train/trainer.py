@@ -22,6 +22,7 @@ from modelscope.trainers.hooks.builder import HOOKS
 from modelscope.trainers.hooks.hook import Hook
 from modelscope.utils.config import Config
 
+from ..checkpoint import numpy_safe_globals
 from ..evaluation import evaluate_pairs
 from ..ms.model import MODEL_TYPE, PIPELINE_TYPE, PREPROCESSOR_TYPE, CNClipForMultiModalEmbedding, plugin_configuration
 from ..sources import default_configuration, write_dir
@@ -129,9 +130,7 @@ def _init_distributed(device: str | None) -> str:
 def _numpy_rng_state_allowed() -> Any:
     """ModelScope's trainer state (written by this trainer into work_dir) holds numpy RNG arrays, which
     ``torch.load(weights_only=True)`` refuses; allow exactly numpy's array reconstruction while resuming."""
-    import numpy as np
-    allowed = [np.ndarray, np.dtype, type(np.dtype('uint32')), np.core.multiarray._reconstruct]
-    return torch.serialization.safe_globals(allowed)
+    return torch.serialization.safe_globals(numpy_safe_globals())
 
 
 def _check_options(amp: str | None, accum_freq: int) -> None:
