@@ -141,7 +141,7 @@ def _table_rows(path: Path) -> list[dict[str, Any]]:
             rows.append({**row, '_line': n})
         return rows
     delimiter = '\t' if path.suffix == '.tsv' else ','
-    with open(path, encoding='utf-8', newline='') as f:
+    with open(path, encoding='utf-8-sig', newline='') as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         return [{**row, '_line': n} for n, row in enumerate(csv.DictReader(f, delimiter=delimiter), 2)]
 
 
@@ -155,6 +155,10 @@ def _table_items(path: Path, modality: str, columns: Mapping[str, str], root: Pa
         if not modality:
             raise ValueError(f'{path}: no image, video or text column among {sorted(k for k in first if k != "_line")}'
                              f'; name them with columns={{"image": ..., "text": ...}} (CLI: --column image=NAME)')
+    named_id = columns.get('id')
+    if named_id is not None and named_id not in first:
+        raise ValueError(f'{path}: no id column {named_id!r} (columns {sorted(k for k in first if k != "_line")}); '
+                         f'name an existing one with --column id=NAME, or leave it out to number the rows')
     base = root or path.parent
     items = []
     for row in rows:

@@ -78,6 +78,18 @@ def test_table_collections(tmp_path: Path, photo_dir: Path) -> None:
         open_collection(photo_dir, modality='text')
 
 
+def test_excel_csv_with_a_bom_and_a_named_id_column(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a BOM: the first column is still "id"; a named id column must exist."""
+    for suffix, sep in (('.csv', ','), ('.tsv', '\t')):
+        table = tmp_path / f'items{suffix}'
+        table.write_bytes(('\ufeff' + '\r\n'.join([f'id{sep}text', f'i0{sep}海边', f'i1{sep}日落']) + '\r\n')
+                          .encode('utf-8'))
+        coll = open_collection(table)
+        assert [(i.id, i.source) for i in coll.items] == [('i0', '海边'), ('i1', '日落')]
+        with pytest.raises(ValueError, match=r"no id column 'key' \(columns \['id', 'text'\]\); name an existing"):
+            open_collection(table, columns={'id': 'key'})
+
+
 def test_embed_folder_matches_encode_image_and_reports_failures(model, photo_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / 'photos.emb'
     report = embed_collection(model, photo_dir, out, shard_size=3, batch_size=2)

@@ -363,7 +363,9 @@ class CNClipTrainer(EpochBasedTrainer):
                                        full_grad=self.full_grad_gather)
             loss.backward()
             total += loss.detach()
-        return (total / self.accum_freq).requires_grad_()
+        # Not a leaf: ModelScope's optimizer hook divides the loss in place (cumulative_iters) before its backward,
+        # which then reaches only a throwaway zero leaf; the gradients are already in place.
+        return torch.zeros((), device=total.device, requires_grad=True) + total / self.accum_freq
 
     # --- evaluation ---------------------------------------------------------------------------------------------
 
