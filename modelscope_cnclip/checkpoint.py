@@ -75,11 +75,35 @@ def _is_trainer_state(obj: Any) -> bool:
             and not any(isinstance(v, torch.Tensor) for v in obj.values()))
 
 
+_REDOWNLOAD = 'the file is truncated or corrupt (an interrupted download or copy?): download or copy it again'
+
+
+def _weights_format(path: Path) -> str:
+    """``'safetensors'`` or ``'torch'`` by the file's first bytes (not its name).
+
+    Raises:
+        ValueError: neither (an image, a text file, a truncated or empty file, ...).
+    """
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b'{':  # 8-byte header length, then the JSON header
+        return 'safetensors'
+    if head[:2] == b'PK' or head[:1] == b'\x80':  # torch.save's zip format, or its legacy pickle
+        return 'torch'
+    raise ValueError(f'{path}: not a weights file (it starts with {head[:8]!r}; safetensors and torch.save files '
+                     f'start otherwise); give a .safetensors, .pt/.pth/.bin checkpoint or a model dir, or else '
+                     f'{_REDOWNLOAD}')
+
+
 def _read_weights_file(path: Path) -> StateDict:
     """One weights file -> a state dict of tensors (no shard or trainer-state name checks)."""
-    if path.suffix == '.safetensors':
+    if _weights_format(path) == 'safetensors':
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f'{path}: not a readable safetensors file ({e}); {_REDOWNLOAD}') from None
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -89,8 +113,8 @@ def _read_weights_file(path: Path) -> StateDict:
             f'{path}: refusing to unpickle arbitrary Python objects (torch.load weights_only=True failed: '
             f'{str(e).splitlines()[0]}). Re-save only the state dict (torch.save(ckpt["state_dict"], ...)) in an '
             f'environment you trust, or use safetensors.') from None
-    except RuntimeError as e:
-        raise ValueError(f'{path}: not a readable torch checkpoint ({e})') from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f'{path}: not a readable torch checkpoint ({str(e).splitlines()[0]}); {_REDOWNLOAD}') from None
     if isinstance(obj, Mapping) and isinstance(obj.get('state_dict'), Mapping):
         obj = obj['state_dict']
     if _is_trainer_state(obj):
@@ -142,7 +166,7 @@ def _read_index(index: Path) -> dict[str, str]:
     """The ``weight_map`` (tensor name -> shard file name) of a sharded-weights index."""
     fix = 'copy or download the index again, from the same save as its shards'
     try:
-        data = json.loads(index.read_text(encoding='utf-8'))
+        data = json.loads(index.read_text(encoding='utf-8-sig'))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f'{index}: not valid JSON ({e}); {fix}') from None
     weight_map = data.get('weight_map') if isinstance(data, dict) else None

@@ -22,8 +22,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .sources import read_source
+    from .sources import check_fits, read_source
     ckpt = read_source(args.source, args.config)
+    check_fits(ckpt)  # a --config that does not fit the weights is an error here too, not a report
     n = sum(t.numel() for t in ckpt.state_dict.values())
     print(json.dumps({'source': ckpt.source, 'layout': ckpt.layout, 'architecture': ckpt.name,
                       'parameters': n, 'config': ckpt.config.to_dict(), 'guessed': list(ckpt.guessed)},

@@ -80,19 +80,19 @@ def _chunks(n: int, size: int) -> list[slice]:
 
 def check_token_ids(ids: torch.Tensor, config: CLIPConfig, tokenizer: Tokenizer | None = None) -> torch.Tensor:
     """Check ``(N, L)`` token ids before they reach the text tower (whose own errors are index errors from deep
-    inside BERT); returns them unchanged. ``[PAD]=0`` marks padding.
+    inside BERT); returns them as int64. ``[PAD]=0`` marks padding.
 
     Raises:
         TypeError: not an integer tensor. ValueError: not 2-d, longer than the text tower's positions, or ids
         outside the vocabulary.
     """
-    text, fix = config.text, 'tokenize texts with model.tokenizer(texts)'
+    text, fix = config.text, "tokenize texts with model.tokenizer(texts)['input_ids']"
     if tokenizer is not None:
         fix += f' (which truncates to the context length {tokenizer.context_length})'
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f'text: token ids must be an integer tensor, got {ids.dtype}; {fix}')
-    if ids.dim() != 2:
-        raise ValueError(f'text: token ids must be (N, L), got {tuple(ids.shape)}')
+    if ids.dim() != 2 or (ids.shape[1] == 0 and ids.shape[0]):
+        raise ValueError(f'text: token ids must be (N, L) with L >= 1, got {tuple(ids.shape)}; {fix}')
     if ids.shape[1] > text.max_position_embeddings:
         raise ValueError(f'text: token ids are {ids.shape[1]} long, but the text tower has '
                          f'{text.max_position_embeddings} positions; {fix}, or cut each row to at most '
@@ -100,7 +100,7 @@ def check_token_ids(ids: torch.Tensor, config: CLIPConfig, tokenizer: Tokenizer 
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= text.vocab_size):
         raise ValueError(f'text: token ids must lie in [0, {text.vocab_size}) (the vocabulary), got values '
                          f'{int(ids.min())}..{int(ids.max())}; {fix}')
-    return ids
+    return ids.long()  # int16/int32/uint8 ids too: the embedding takes int64 (or int32) indices
 
 
 @torch.inference_mode()
@@ -136,7 +136,7 @@ def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: str | Sequence[str] |
     """
     device = model.text_projection.device
     if isinstance(texts, torch.Tensor):
-        check_token_ids(texts, model.config, tokenizer)
+        texts = check_token_ids(texts, model.config, tokenizer)
         outs = [model.encode_text(texts[s].to(device)).float() for s in _chunks(len(texts), batch_size)]
         feats = torch.cat(outs) if outs else torch.empty(0, model.config.embed_dim, device=device)
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -42,7 +43,8 @@ from .config import CLIPConfig, config_from_hub, config_to_hub, get_config, matc
 from .model import CLIP
 from .tokenizer import DEFAULT_VOCAB
 
-__all__ = ['Checkpoint', 'read_source', 'read_config', 'write_dir', 'convert', 'default_configuration', 'LAYOUTS']
+__all__ = ['Checkpoint', 'read_source', 'read_config', 'write_dir', 'convert', 'check_fits', 'default_configuration',
+           'LAYOUTS']
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ def default_configuration() -> dict[str, Any]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding='utf-8'))
+        return json.loads(path.read_text(encoding='utf-8-sig'))  # -sig: as Windows editors save it
     except json.JSONDecodeError as e:
         raise ValueError(f'{path}: invalid JSON ({e})') from None
 
@@ -103,6 +105,10 @@ def _find_weights(d: Path, preferred: tuple[str, ...]) -> Path:
     found = sorted(p.name for p in d.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if len(found) == 1:
         return d / found[0]
+    trained = [name for name in found if re.fullmatch(r'(epoch|iter)_\d+\.pth|best_.*\.pth', name)]
+    if trained:
+        raise FileNotFoundError(f'{d} is a cnclip-trainer work dir: load {d / "output"} (the final model, a plugin '
+                                f'dir), {d / "output_best"}, or one checkpoint such as {d / trained[-1]}')
     if any(SHARD_RE.search(name) for name in found):
         raise FileNotFoundError(f'{d}: holds weight shards {found[:4]} but not their index (e.g. '
                                 f'model.safetensors.index.json or pytorch_model.bin.index.json), which says which '
@@ -333,12 +339,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = 'plugin',
         raise ValueError(f'unknown target layout {to!r}; choose one of {list(LAYOUTS)}')
     _check_shardable(to, max_shard_size)
     ckpt = read_source(src, config)
-    _check_fits(ckpt)
+    check_fits(ckpt)
     return write_dir(ckpt, dst, to, overwrite, max_shard_size=max_shard_size)
 
 
-def _check_fits(ckpt: Checkpoint) -> None:
-    """Fail before writing anything if the weights do not fit the config (shapes only, no memory)."""
+def check_fits(ckpt: Checkpoint) -> None:
+    """Raise the strict loader's ValueError if the weights do not fit the config (shapes only, on the meta device:
+    no memory), before anything is written or reported."""
     with torch.device('meta'):
         model = CLIP(ckpt.config)
     check_state_dict(model.state_dict(), ckpt.state_dict, ckpt.name)

@@ -28,13 +28,18 @@ _KEEP_CONTROL = frozenset('\t\n\r')
 
 
 def clean_text(text: str) -> str:
-    """The reference's cleaning: drop NUL, U+FFFD and Cc/Cf characters (not tab/newline), map whitespace to ' '."""
+    """The reference's cleaning: drop NUL, U+FFFD and Cc/Cf characters (not tab/newline), map whitespace to ' '.
+    Lone surrogates become a private-use character, which tokenises to ``[UNK]`` as in the reference."""
     out = []
     for ch in text:
         if ch in _KEEP_CONTROL or ch == ' ' or unicodedata.category(ch) == 'Zs':
             out.append(' ')
         elif ch == '\x00' or ch == '\ufffd' or unicodedata.category(ch) in ('Cc', 'Cf'):
             continue
+        elif '\ud800' <= ch <= '\udfff':
+            # A lone surrogate (broken UTF-16, surrogateescape'd bytes) cannot reach the Rust tokenizer; the
+            # reference treats it as an unknown character, as it does a private-use one ([UNK]).
+            out.append('\ue000')
         else:
             out.append(ch)
     return ''.join(out)

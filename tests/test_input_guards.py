@@ -187,8 +187,8 @@ def test_token_ids_are_checked_before_the_text_tower(plugin_vit_dir, model):
     assert torch.equal(model.encode_text(ids), model.encode_text(['一只猫', '狗']))
     too_long = torch.cat([ids[:1, :-1], torch.full((1, 130), 100), ids[:1, -1:]], dim=1)  # 128 positions
     with pytest.raises(ValueError, match=r'token ids are 135 long, but the text tower has 128 positions; tokenize '
-                                         r'texts with model.tokenizer\(texts\) \(which truncates to the context '
-                                         r'length 52\)'):
+                                         r"texts with model.tokenizer\(texts\)\['input_ids'\] \(which truncates to "
+                                         r'the context length 52\)'):
         model.encode_text(too_long)
     with pytest.raises(ValueError, match=r'must lie in \[0, 21128\) \(the vocabulary\), got values 101..30000'):
         model.encode_text(torch.tensor([[101, 30000, 102]]))
@@ -196,11 +196,25 @@ def test_token_ids_are_checked_before_the_text_tower(plugin_vit_dir, model):
         model.encode_text(torch.tensor([[101, -1, 102]]))
     with pytest.raises(TypeError, match='token ids must be an integer tensor, got torch.float32'):
         model.encode_text(ids.float())
-    with pytest.raises(ValueError, match=r'token ids must be \(N, L\), got \(1, 2, 3\)'):
+    with pytest.raises(ValueError, match=r'token ids must be \(N, L\) with L >= 1, got \(1, 2, 3\)'):
         model.encode_text(torch.ones(1, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r'token ids must be \(N, L\) with L >= 1, got \(1, 0\)'):
+        model.encode_text(torch.zeros(1, 0, dtype=torch.long))
+    # the hint works as written, and any integer dtype is taken
+    assert torch.equal(model.encode_text(model.tokenizer(['一只猫'])['input_ids']), model.encode_text('一只猫'))
+    for dtype in (torch.int32, torch.int16):
+        assert torch.equal(model.encode_text(ids.to(dtype)), model.encode_text(ids)), dtype
     p = pipeline(Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu')
     with pytest.raises(ValueError, match='128 positions'):
         p({'input_ids': too_long})
+    assert torch.equal(p({'text': ids.to(torch.int16)})['text_embedding'], model.encode_text(ids))
+
+
+def test_lone_surrogates_tokenise_as_unknown(model):
+    """Broken UTF-16 (a lone surrogate) is an unknown character, as in the reference: [UNK], not a crash."""
+    ids = model.tokenizer(['猫\ud800狗', 'a\udfffb'])['input_ids']
+    assert ids[0].tolist() == [101, 4344, 100, 4318, 102] and ids[1].tolist()[:3] == [101, 100, 102]
+    assert model.encode_text('猫\ud800狗').shape == (1, 32)
 
 
 # --- decompression bombs and huge scans -------------------------------------------------------------------------------

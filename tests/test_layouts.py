@@ -432,3 +432,57 @@ def test_a_saved_model_keeps_its_guessed_fields(tmp_path, vit_sd):
     model = CNClipForMultiModalEmbedding(str(pt), device='cpu')
     model.save_pretrained(tmp_path / 'saved')
     assert read_source(tmp_path / 'saved').guessed == GUESSED_FIELDS
+
+
+# --- files that are not (whole) weights --------------------------------------------------------------------------
+
+def test_truncated_or_corrupt_weights_are_named_with_the_fix(tmp_path, sharded, plugin_vit_dir, capsys):
+    plugin = tmp_path / 'plugin'
+    shutil.copytree(plugin_vit_dir, plugin)
+    weights = plugin / 'model.safetensors'
+    weights.write_bytes(weights.read_bytes()[:-1000])  # an interrupted download
+    code, _, err = run_cli(capsys, 'info', plugin)
+    assert code == 2 and 'model.safetensors: not a readable safetensors file' in err and 'download or copy it ' \
+        'again' in err
+    with pytest.raises(ValueError, match='not a readable safetensors file'):
+        load(plugin)
+    shard = sharded / shards_of(sharded)[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf'{shard.name}: not a readable safetensors file .*download or copy it'):
+        read_source(sharded)
+    pt = tmp_path / 'half.pt'
+    torch.save({'state_dict': {'visual.proj': torch.zeros(64, 32)}}, pt)
+    pt.write_bytes(pt.read_bytes()[:300])
+    with pytest.raises(ValueError, match=r'half.pt: not a readable torch checkpoint .*download or copy it again'):
+        read_source(pt)
+
+
+@pytest.mark.parametrize('content', [b'\xff\xd8\xff\xe0 a JPEG', b'', b'hello, not weights'])
+def test_a_file_that_is_not_weights_says_so(tmp_path, content, capsys):
+    path = tmp_path / 'model.pt'
+    path.write_bytes(content)
+    code, _, err = run_cli(capsys, 'info', path)
+    assert code == 2 and 'model.pt: not a weights file (it starts with' in err
+    assert 'refusing to unpickle' not in err
+
+
+def test_info_refuses_a_config_that_does_not_fit(plugin_vit_dir, capsys):
+    code, _, err = run_cli(capsys, 'info', plugin_vit_dir, '--config', 'ViT-B-16')
+    assert code == 2 and 'weights do not fit the architecture ViT-B-16' in err
+
+
+def test_a_trainer_work_dir_points_at_its_outputs(work, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'is a cnclip-trainer work dir: load .*output \(the final model, '
+                                                r'a plugin dir\), .*output_best, or one checkpoint such as'):
+        read_source(work)
+
+
+def test_json_files_saved_with_a_bom(tmp_path, sharded, hub_vit_dir, vit_sd):
+    index = sharded / 'model.safetensors.index.json'
+    index.write_bytes(b'\xef\xbb\xbf' + index.read_bytes())
+    assert_same(read_source(sharded).state_dict, vit_sd)
+    hub = tmp_path / 'hub-bom'
+    shutil.copytree(hub_vit_dir, hub)
+    for name in ('vision_model_config.json', 'text_model_config.json'):
+        (hub / name).write_bytes(b'\xef\xbb\xbf' + (hub / name).read_bytes())
+    assert read_source(hub).config == read_source(hub_vit_dir).config
