@@ -100,6 +100,35 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a whole number >= 1, got {text!r}')
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: an int >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f'expected a whole number >= 0, got {text!r}')
+    return int(text)
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float('inf'):
+        raise argparse.ArgumentTypeError(f'expected a number >= 0, got {text!r}')
+    return value
+
+
 def _key_value(text: str, option: str) -> tuple[str, str]:
     key, sep, value = text.partition('=')
     if not sep or not key or not value:
@@ -219,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--data', required=True,
                    help='dir with {split}_imgs.tsv and {split}_texts.jsonl, or their LMDB form')
     p.add_argument('--split', default='valid', help='default valid')
-    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--batch-size', type=_positive_int, default=64)
     p.add_argument('--device', default='cpu', help="cpu, gpu, cuda:1, ... (default cpu)")
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
     p.add_argument('--config', help=config_help)
@@ -243,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    '--save-dir file (default imagenet)')
     p.add_argument('--save-dir', help='write <dataset>.json there (the official ELEVATER prediction output)')
     p.add_argument('--skip-errors', action='store_true', help='skip unreadable images (each is reported)')
-    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--batch-size', type=_positive_int, default=64)
     p.add_argument('--device', default='cpu', help="cpu, gpu, cuda:1, ... (default cpu)")
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
     p.add_argument('--config', help=config_help)
@@ -258,20 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--column', action='append', default=[], metavar='ROLE=NAME',
                    help='jsonl/csv column for a role: id, image, video, text (repeatable)')
     p.add_argument('--root', help='folder that relative paths in a jsonl/csv are relative to')
-    p.add_argument('--batch-size', type=int, help='default: 16 images / 64 texts on CPU, 256 / 512 on GPU')
-    p.add_argument('--shard-size', type=int, default=1024, help='inputs per output shard (default 1024)')
-    p.add_argument('--threads', type=int, default=0, help='image decode threads (default: one per CPU, max 8)')
+    p.add_argument('--batch-size', type=_positive_int, help='default: 16 images / 64 texts on CPU, 256 / 512 on GPU')
+    p.add_argument('--shard-size', type=_positive_int, default=1024, help='inputs per output shard (default 1024)')
+    p.add_argument('--threads', type=_count, default=0, help='image decode threads (default: one per CPU, max 8)')
     p.add_argument('--overwrite', action='store_true', help='replace an embeddings dir of another job')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--device', default='cpu', help="cpu, gpu, cuda:1, ... (default cpu)")
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
     p.add_argument('--fast-decode', action='store_true', help='reduced-size JPEG decoding (faster, slightly inexact)')
-    p.add_argument('--num-frames', type=int, default=8, help='video frames per video (default 8)')
+    p.add_argument('--num-frames', type=_positive_int, default=8, help='video frames per video (default 8)')
     p.add_argument('--frame-mode', default='uniform', choices=['uniform', 'fps'], help='video frame sampling')
     p.add_argument('--engine', default='local', choices=['local', 'ray'], help='ray: spread shards over Ray')
     p.add_argument('--ray-address', help="Ray cluster: 'auto' on a cluster node, or ray://HEAD:10001")
-    p.add_argument('--workers', type=int, help='Ray actors (default: one per GPU with --gpus-per-worker, else 1)')
-    p.add_argument('--gpus-per-worker', type=float, default=0.0, help='GPUs per Ray actor (0: CPU workers)')
+    p.add_argument('--workers', type=_positive_int,
+                   help='Ray actors (default: one per GPU with --gpus-per-worker, else 1)')
+    p.add_argument('--gpus-per-worker', type=_non_negative_float, default=0.0,
+                   help='GPUs per Ray actor (0: CPU workers)')
 
     index_help = 'build, extend or describe a vector index of embeddings (needs faiss: modelscope_cnclip[index])'
     isub = sub.add_parser('index', help=index_help, description=index_help).add_subparsers(
@@ -282,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', required=True, help='index dir to write')
     p.add_argument('--kind', default='auto', help='auto (default), flat (exact), ivf, hnsw, ivfpq (compressed), '
                                                   'or a faiss index_factory string such as "IVF1024,SQ8"')
-    p.add_argument('--nprobe', type=int, help='IVF lists searched per query (default: 3 sqrt(nlist))')
+    p.add_argument('--nprobe', type=_positive_int, help='IVF lists searched per query (default: 3 sqrt(nlist))')
     p.add_argument('--overwrite', action='store_true', help='replace an existing index dir')
     p = isub.add_parser('add', help='add an embeddings dir made by the same model to an index')
     p.set_defaults(func=_cmd_index_add)
@@ -296,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add('search', _cmd_search, 'search an index by text or image with the model that built it')
     p.add_argument('index', help='index dir (`cnclip index build`)')
     p.add_argument('query', help='text, or an image file / http(s) URL (image-to-image search)')
-    p.add_argument('--top-k', type=int, default=10, help='results (default 10)')
+    p.add_argument('--top-k', type=_positive_int, default=10, help='results (default 10)')
     p.add_argument('--json', action='store_true', help='one JSON object per hit: {"id", "path", "score"}')
     forced = p.add_mutually_exclusive_group()
     forced.add_argument('--text', action='store_true', help='treat the query as text even if it names a file')
@@ -309,19 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('model', help='model dir (any layout), weights file or ModelScope hub id')
     p.add_argument('--data', required=True, help='official-format dir (train split), dir with train.jsonl, or .jsonl')
     p.add_argument('--eval-data', help='evaluation data (default: --data, valid split)')
-    p.add_argument('--work-dir', default='work')
+    p.add_argument('--work-dir', help='logs, checkpoints and output/ (default: the --cfg file\'s train.work_dir, '
+                                      'else ./work)')
     p.add_argument('--cfg', help='configuration.json with train/evaluation settings (e.g. the tutorial\'s)')
-    p.add_argument('--max-epochs', type=int)
-    p.add_argument('--batch-size', type=int, help='per device')
-    p.add_argument('--lr', type=float)
-    p.add_argument('--workers', type=int, default=2, help='dataloader workers per device (default 2)')
+    p.add_argument('--max-epochs', type=_positive_int)
+    p.add_argument('--batch-size', type=_positive_int, help='per device')
+    p.add_argument('--lr', type=_non_negative_float)
+    p.add_argument('--workers', type=_count, default=2, help='dataloader workers per device (default 2)')
     p.add_argument('--device', default=None, help='cpu, gpu, cuda:1 (default: GPU if available)')
     p.add_argument('--mask-ratio', type=float, default=0.0, help='FLIP patch masking ratio (ViT only)')
     p.add_argument('--freeze-vision', action='store_true', help='train the text tower only')
     p.add_argument('--grad-checkpointing', action='store_true', help='less activation memory, more compute')
     p.add_argument('--skip-corrupt', action='store_true', help='skip unreadable images (each is reported)')
     p.add_argument('--amp', choices=['bf16', 'fp16'], help='mixed precision: bf16 (CPU or GPU) or fp16 (GPU)')
-    p.add_argument('--accum-freq', type=int, default=1,
+    p.add_argument('--accum-freq', type=_positive_int, default=1,
                    help='run each batch in this many chunks, keeping the whole batch as negatives (cached features)')
     return parser
 

@@ -115,6 +115,8 @@ def embed_items(model: CNClip, coll: Collection, items: Sequence[Item], batch_si
     ``batch_size`` may be a one-element list, shared between calls, that CUDA out-of-memory errors halve.
     """
     size = batch_size if isinstance(batch_size, list) else [batch_size]
+    if size[0] < 1:
+        raise ValueError(f'batch_size={size[0]}: must be >= 1')
     step = progress or (lambda n: None)
     done: list[Item] = []
     failed: list[dict[str, str]] = []
@@ -241,6 +243,8 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
         raise ValueError(f'engine={engine!r}: choose one of {ENGINES}')
     if shard_size < 1:
         raise ValueError(f'shard_size={shard_size}: must be >= 1')
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f'batch_size={batch_size}: must be >= 1 (or None for a size that suits the device)')
     started = time.perf_counter()
     coll = source if isinstance(source, Collection) else open_collection(source, modality, split, columns, root)
     if not isinstance(model, CNClip):

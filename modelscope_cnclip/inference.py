@@ -74,6 +74,11 @@ def as_text_batch(texts: Any) -> Any:
     return texts
 
 
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f'batch_size={batch_size}: must be >= 1')
+
+
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -116,6 +121,7 @@ def encode_images(model: CLIP, transform: ImageTransform, images: Sequence[Image
         read (not an image, above the pixel limit, a float image, ...); a pixel tensor of the wrong shape or dtype
         (see :meth:`ImageTransform.check_pixels`).
     """
+    _check_batch_size(batch_size)
     device = model.text_projection.device
     if isinstance(images, torch.Tensor):
         transform.check_pixels(images)
@@ -134,6 +140,7 @@ def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: str | Sequence[str] |
 
     Raw texts are sorted by length into batches, each padded only to its own longest text.
     """
+    _check_batch_size(batch_size)
     device = model.text_projection.device
     if isinstance(texts, torch.Tensor):
         texts = check_token_ids(texts, model.config, tokenizer)
@@ -239,7 +246,13 @@ class CNClip:
         return encode_videos(self, videos, num_frames, mode, sample_fps, max_frames, batch_size).embeddings
 
     def similarity(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str]) -> torch.Tensor:
-        """Softmax over texts of ``(img / temperature) @ text.T``: ``(N_images, N_texts)`` probabilities."""
+        """Softmax over texts of ``(img / temperature) @ text.T``: ``(N_images, N_texts)`` probabilities.
+
+        Raises:
+            ValueError: no texts (a softmax over nothing), or an input that cannot be read.
+        """
+        if isinstance(texts, (list, tuple)) and not texts:
+            raise ValueError('similarity needs at least one text to score the images against')
         img, txt = self.encode_image(images), self.encode_text(texts)
         return ((img / self.temperature.to(img.device)) @ txt.t()).softmax(dim=-1)
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .config import PreprocessConfig
 
@@ -40,6 +40,7 @@ _RESAMPLE = {'bicubic': Image.Resampling.BICUBIC, 'bilinear': Image.Resampling.B
 _ACCEPTED = ('a PIL image, a file path, a pathlib.Path, an http(s) URL, raw bytes, or a uint8 numpy array or '
              'torch tensor (HxW, HxWxC or CxHxW)')
 _MODES_16BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N')
+_TENSOR_IMAGE_DTYPES = (torch.uint8, getattr(torch, 'uint16', torch.uint8))  # torch.uint16: torch >= 2.3
 #: Environment variable holding the pixel limit (an int; ``none`` for no limit); read at import, so DataLoader and
 #: Ray workers started from a process that set it inherit it.
 MAX_PIXELS_ENV = 'CNCLIP_MAX_IMAGE_PIXELS'
@@ -187,6 +188,8 @@ def _from_array(arr: np.ndarray, what: str = '') -> Image.Image:
         arr = arr.transpose(1, 2, 0)  # CxHxW
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
+    if arr.ndim in (2, 3) and 0 in arr.shape[:2]:
+        raise ValueError(f'image array {what}: an empty image has no pixels to embed')
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4)):
         return Image.fromarray(np.ascontiguousarray(arr))
     raise ValueError(f'image array {what}: expected HxW, HxWxC or CxHxW with C in {_CHANNELS}; a batch of images '
@@ -212,15 +215,20 @@ def load_image(obj: ImageInput, timeout: float = 30.0, draft: int | None = None)
         above :func:`max_image_pixels`, a float (mode ``F``) image. TypeError: an unsupported input type.
     """
     if isinstance(obj, Image.Image):
-        return _as_8bit(obj, f'<PIL image mode={obj.mode} size={obj.size}>')
+        what = f'<PIL image mode={obj.mode} size={obj.size}>'
+        if 0 in obj.size:
+            raise ValueError(f'image {what}: an empty image has no pixels to embed')
+        if isinstance(obj, ImageFile.ImageFile) and obj.tile:  # opened but not decoded yet: check before decoding
+            _check_size(obj, what)
+        return _as_8bit(obj, what)
     if isinstance(obj, (bytes, bytearray, memoryview)):
         what = _describe(obj)
         return _as_8bit(_open_bytes(bytes(obj), what, draft), what)
     if isinstance(obj, torch.Tensor):
-        if obj.dtype != torch.uint8:
-            raise TypeError(f'image tensor {_describe(obj)}: a tensor is an image only as uint8 pixels (HxW, HxWxC '
-                            f'or CxHxW); a float tensor must be a batch of normalised pixels (N, 3, R, R), given '
-                            f'directly as the image batch, not inside a list')
+        if obj.dtype not in _TENSOR_IMAGE_DTYPES:
+            raise TypeError(f'image tensor {_describe(obj)}: a tensor is an image only as uint8 (or uint16) pixels '
+                            f'(HxW, HxWxC or CxHxW); a float tensor must be a batch of normalised pixels '
+                            f'(N, 3, R, R), given directly as the image batch, not inside a list')
         return _from_array(obj.detach().cpu().numpy(), _describe(obj))
     if isinstance(obj, np.ndarray):
         return _from_array(obj)

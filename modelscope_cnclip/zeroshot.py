@@ -246,6 +246,8 @@ def evaluate_zeroshot(model: Any, images_dir: str | os.PathLike, classnames: Seq
         (``(N,)``), ``paths``, ``skipped`` (``[(path, reason)]``) and, with ``per_class``, ``per_class``
         (percent per class; ``None`` for a class with no scored image).
     """
+    if batch_size < 1:
+        raise ValueError(f'batch_size={batch_size}: must be >= 1')
     folder = ImageFolder(images_dir)
     if len(classnames) != len(folder.classes):
         shown = ', '.join(folder.classes[:5]) + (', ...' if len(folder.classes) > 5 else '')

@@ -164,7 +164,7 @@ def test_float_pixels_must_have_the_models_shape(model, photo):
             model.encode_image(bad)
     with pytest.raises(ValueError, match='NaN or infinite'):
         model.encode_image(torch.full((1, 3, 64, 64), float('nan')))
-    with pytest.raises(TypeError, match=r'img\[0\]: image tensor .*int64.*only as uint8 pixels'):
+    with pytest.raises(TypeError, match=r'img\[0\]: image tensor .*int64.*only as uint8 \(or uint16\) pixels'):
         model.encode_image(torch.zeros(64, 64, 3, dtype=torch.int64))
     with pytest.raises(TypeError, match=r'img\[0\]: image tensor .*float32.*given directly as the image batch'):
         model.encode_image([pixels[0]])
@@ -317,3 +317,44 @@ def test_bomb_listed_by_embedding_jobs(plugin_vit_dir, photo, bomb, tmp_path, ca
 def test_transform_alone_refuses_bombs(bomb):
     with pytest.raises(ValueError, match=BOMB_ERROR):
         image_transform(image_size=16)(bomb)
+
+
+def test_empty_images_lazy_bombs_and_uint16_tensors(model, photo, bomb):
+    for empty in (np.zeros((0, 0, 3), np.uint8), np.zeros((5, 0), np.uint8), Image.new('RGB', (0, 4))):
+        with pytest.raises(ValueError, match=r'img\[0\]: image .*an empty image has no pixels to embed'):
+            model.encode_image([empty])
+    # an image the user opened but PIL has not decoded yet is checked before it is decoded
+    with pytest.raises(ValueError, match=r'img\[0\]: .*20000x10000 = 200,000,000 pixels is more than the limit'):
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS, limit = None, Image.MAX_IMAGE_PIXELS  # let PIL open it; our check still holds
+            try:
+                lazy = Image.open(bomb)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+        model.encode_image([lazy])
+    gray8 = photo[:, :, 0]
+    if hasattr(torch, 'uint16'):
+        v16 = torch.from_numpy(gray8.astype(np.int32) * 257).to(torch.uint16)
+        assert torch.equal(model.encode_image(v16), model.encode_image(gray8))
+
+
+def test_similarity_needs_texts(model, photo):
+    with pytest.raises(ValueError, match='similarity needs at least one text'):
+        model.similarity(photo, [])
+
+
+def test_batch_sizes_must_be_positive(model, photo, plugin_vit_dir, tmp_path, capsys):
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match=f'batch_size={bad}: must be >= 1'):
+            model.encode_image([photo], batch_size=bad)
+        with pytest.raises(ValueError, match=f'batch_size={bad}: must be >= 1'):
+            model.encode_text(['猫'], batch_size=bad)
+    for argv in (['eval', str(plugin_vit_dir), '--data', str(tmp_path), '--batch-size', '0'],
+                 ['embed', str(plugin_vit_dir), str(tmp_path), '--out', str(tmp_path / 'e'), '--batch-size', '-1'],
+                 ['search', str(tmp_path), 'q', '--top-k', '0'],
+                 ['train', str(plugin_vit_dir), '--data', str(tmp_path), '--accum-freq', 'x']):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert 'expected a whole number >= 1' in capsys.readouterr().err

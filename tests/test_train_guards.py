@@ -227,3 +227,25 @@ def test_gradient_accumulation_trains_end_to_end_like_one_big_batch(model_dir, t
     assert main(['train', str(model_dir), '--data', str(data), '--eval-data', str(data), '--work-dir',
                  str(tmp_path / 'cli'), '--max-epochs', '1', '--batch-size', '8', '--workers', '0',
                  '--accum-freq', '2']) == 0
+
+
+def test_mask_ratio_outside_0_1_is_refused(model_dir, tmp_path):
+    for ratio in (1.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match=rf'mask_ratio={ratio}: the share of image patches FLIP drops must be '
+                                             r'in \[0, 1\)'):
+            build_trainer('cnclip-trainer', dict(model=str(model_dir), work_dir=str(tmp_path),
+                                                 train_dataset=colour_rows(8), mask_ratio=ratio))
+
+
+def test_cli_train_takes_the_work_dir_of_the_cfg_file(model_dir, tmp_path, monkeypatch):
+    data = tmp_path / 'data'
+    make_synthetic_split(data, 'train', 16, seed=3)
+    make_synthetic_split(data, 'valid', 8, seed=4)
+    cfg = tutorial_config(tmp_path / 'from-cfg')
+    cfg['train']['dataloader']['batch_size_per_gpu'] = 8
+    cfg['train']['hooks'] = [h for h in cfg['train']['hooks'] if h['type'] != 'BestCkptSaverHook']
+    (tmp_path / 'cfg.json').write_text(json.dumps(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert main(['train', str(model_dir), '--data', str(data), '--cfg', str(tmp_path / 'cfg.json'),
+                 '--workers', '0']) == 0
+    assert (tmp_path / 'from-cfg' / 'output' / 'model.safetensors').is_file() and not (tmp_path / 'work').exists()

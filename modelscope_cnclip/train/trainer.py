@@ -133,7 +133,10 @@ def _numpy_rng_state_allowed() -> Any:
     return torch.serialization.safe_globals(numpy_safe_globals())
 
 
-def _check_options(amp: str | None, accum_freq: int) -> None:
+def _check_options(amp: str | None, accum_freq: int, mask_ratio: float) -> None:
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f'mask_ratio={mask_ratio}: the share of image patches FLIP drops must be in [0, 1) '
+                         f'(0.5 in the FLIP paper; 0 trains on whole images)')
     if amp not in (None, 'bf16', 'fp16'):
         raise ValueError(f"amp={amp!r}: choose None, 'bf16' or 'fp16'")
     if amp == 'fp16' and not torch.cuda.is_available():
@@ -216,7 +219,7 @@ class CNClipTrainer(EpochBasedTrainer):
                  mask_ratio: float = 0.0, freeze_vision: bool = False, grad_checkpointing: bool = False,
                  full_grad_gather: bool = False, skip_corrupt: bool = False, device: str | None = None,
                  accum_freq: int = 1, amp: str | None = None, **kwargs: Any) -> None:
-        _check_options(amp, accum_freq)
+        _check_options(amp, accum_freq, mask_ratio)
         cfg = _merged_config(cfg_file, cfg_overrides)
         if model is None:  # the tutorial's configuration names the model to start from
             model = (cfg.get('pretrained_model') or {}).get('model_name')
