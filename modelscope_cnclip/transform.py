@@ -177,7 +177,8 @@ _CHANNELS = (1, 3, 4)
 
 def _from_array(arr: np.ndarray, what: str = '') -> Image.Image:
     """An ``HxW``, ``HxWxC`` or ``CxHxW`` (C in 1, 3, 4: as decord and torchvision.io give) uint8 or uint16 array
-    -> a PIL image (uint16 scaled to 8 bits)."""
+    -> a PIL image (uint16 scaled to 8 bits). When both the first and the last axis could be channels (e.g.
+    ``(3, 20, 4)``) the array is read as ``HxWxC``, numpy's and PIL's convention."""
     what = what or _describe(arr)
     if arr.dtype == np.uint16:
         arr = _scale_16bit(arr)
