@@ -171,3 +171,42 @@ def test_device_spellings(monkeypatch):
         resolve_device('cuda:5')
     with pytest.raises(ValueError, match="device='tpu'"):
         resolve_device('tpu')
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+def _video(path: Path, seed: int) -> str:
+    av = pytest.importorskip('av')
+    rs = np.random.RandomState(seed)
+    with av.open(str(path), 'w') as container:
+        stream = container.add_stream('mpeg4', rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, 'yuv420p'
+        for _ in range(6):
+            frame = av.VideoFrame.from_ndarray(rs.randint(0, 255, (48, 64, 3)).astype(np.uint8), format='rgb24')
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return str(path)
+
+
+def test_batched_calls_return_what_unbatched_calls_return(pipe, images, tmp_path):
+    """p([...], batch_size=n) gives each input its own embeddings, equal to p([...]) and to p(input) one by one,
+    for any mix of modalities and list lengths (ModelScope's generic batching would shift rows between inputs)."""
+    video = _video(tmp_path / 'v.mp4', 0)
+    inputs = [{'text': '猫'}, {'img': images[0]}, {'text': ['狗', '鱼']}, {'img': images[1:], 'text': '一只很长的狗'},
+              {'video': video}, {'img': [images[2]], 'text': ['a', 'bb', 'ccc'], 'video': [video, video]},
+              {'text': '鸟'}]
+    keys = ('img_embedding', 'text_embedding', 'video_embedding')
+    one_by_one = [pipe(x) for x in inputs]
+    assert one_by_one[2]['text_embedding'].shape[0] == 2 and one_by_one[1]['text_embedding'] is None
+    for batch_size in (None, 1, 2, 3, len(inputs), 100):
+        outs = pipe(inputs) if batch_size is None else pipe(inputs, batch_size=batch_size)
+        assert len(outs) == len(inputs), batch_size
+        for i, (got, want) in enumerate(zip(outs, one_by_one)):
+            assert set(got) >= set(keys), (batch_size, i)
+            assert all(_same(got[k], want[k]) for k in keys), (batch_size, i)
+    with pytest.raises(ValueError, match='batch_size=0: expected a whole number >= 1'):
+        pipe(inputs, batch_size=0)
+    with pytest.raises(ValueError, match='neither "img" nor "text" nor "video"'):
+        pipe([{'text': '猫'}, {}], batch_size=2)

@@ -76,6 +76,19 @@ class CNClipPipeline(Pipeline):
                             f'(video frame sampling) and batch_size')
         return pipeline_parameters, {}, {}
 
+    def _process_batch(self, input: list[dict[str, Any]], batch_size: int, **kwargs: Any) -> list[dict[str, Any]]:
+        """``p([input, ...], batch_size=n)``: one output per input, each exactly what ``p(input)`` returns.
+
+        ModelScope's generic batching concatenates every input's tensors and hands row ``i`` back to input ``i``,
+        which is wrong for inputs holding several texts or images, or different modalities. Here each input is
+        embedded as its own batch (its images, texts and videos are already batched inside it), so the results
+        equal unbatched calls bit for bit; putting inputs of other lengths into one forward pass would change float
+        rounding. For throughput, give one input many items: ``p({'img': [...], 'text': [...]})``.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f'batch_size={batch_size!r}: expected a whole number >= 1')
+        return [self._process_single(item, **kwargs) for item in input]
+
     def preprocess(self, input: dict[str, Any], **preprocess_params: Any) -> dict[str, Any]:
         return self.preprocessor(input, **preprocess_params)
 
