@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 __all__ = ['main', 'build_parser']
 
@@ -89,7 +89,9 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 def _cmd_embed(args: argparse.Namespace) -> int:
     from .embed import embed_collection
     columns = dict(_key_value(c, '--column') for c in args.column)
-    video = {'num_frames': args.num_frames, 'mode': args.frame_mode} if args.modality == 'video' else {}
+    # Used by video collections only (also when --modality auto finds videos), validated for every job.
+    video = {'num_frames': args.num_frames, 'mode': args.frame_mode, 'sample_fps': args.sample_fps,
+             'max_frames': args.max_frames}
     report = embed_collection(
         args.model, args.input, args.out, modality=args.modality, split=args.split, columns=columns, root=args.root,
         batch_size=args.batch_size, shard_size=args.shard_size, num_threads=args.threads, overwrite=args.overwrite,
@@ -200,8 +202,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``cnclip embed: error: ...``), like every other error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='cnclip', description='Chinese CLIP for ModelScope.')
+    parser = _Parser(prog='cnclip', description='Chinese CLIP for ModelScope.')
     parser.add_argument('-v', '--verbose', action='store_true', help='log progress (INFO level)')
     parser.add_argument('--max-image-pixels', metavar='N',
                         help='refuse images with more pixels than N (a decompression-bomb guard; default: PIL\'s '
@@ -296,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
     p.add_argument('--fast-decode', action='store_true', help='reduced-size JPEG decoding (faster, slightly inexact)')
     p.add_argument('--num-frames', type=_positive_int, default=8, help='video frames per video (default 8)')
-    p.add_argument('--frame-mode', default='uniform', choices=['uniform', 'fps'], help='video frame sampling')
+    p.add_argument('--frame-mode', default='uniform', choices=['uniform', 'fps'],
+                   help='video frame sampling: uniform (--num-frames segment centres) or fps (--sample-fps)')
+    p.add_argument('--sample-fps', type=float, default=1.0, help='--frame-mode fps: frames per second (default 1)')
+    p.add_argument('--max-frames', type=_positive_int, help='--frame-mode fps: at most this many frames a video')
     p.add_argument('--engine', default='local', choices=['local', 'ray'], help='ray: spread shards over Ray')
     p.add_argument('--ray-address', help="Ray cluster: 'auto' on a cluster node, or ray://HEAD:10001")
     p.add_argument('--workers', type=_positive_int,

@@ -39,7 +39,7 @@ from .embeddings import (
 from .inference import CNClip, load
 from .transform import map_ahead
 
-__all__ = ['EmbedReport', 'embed_collection', 'embed_items', 'auto_batch_size']
+__all__ = ['EmbedReport', 'embed_collection', 'embed_items', 'auto_batch_size', 'video_sampling']
 
 logger = logging.getLogger(__name__)
 
@@ -187,12 +187,60 @@ def _prepare_out(out: Path, meta: dict[str, Any], overwrite: bool) -> list[int]:
     return []
 
 
+VIDEO_OPTIONS = ('num_frames', 'mode', 'sample_fps', 'max_frames')  # encode_videos' frame sampling
+
+
+def video_sampling(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The frame sampling of a video job: ``options`` over :func:`~modelscope_cnclip.video.encode_videos`'
+    defaults, validated, reduced to what changes the vectors (``'uniform'``: ``mode``, ``num_frames``; ``'fps'``:
+    ``mode``, ``sample_fps``, ``max_frames``).
+
+    Raises:
+        ValueError: an unknown option or an invalid value (named).
+    """
+    import inspect
+
+    from .video import check_sampling, encode_videos
+    unknown = sorted(set(options) - set(VIDEO_OPTIONS))
+    if unknown:
+        raise ValueError(f'unknown video option(s) {unknown}; video jobs take {list(VIDEO_OPTIONS)}')
+    defaults = inspect.signature(encode_videos).parameters
+    sampling = {k: options.get(k, defaults[k].default) for k in VIDEO_OPTIONS}
+    check_sampling(sampling['num_frames'], sampling['mode'], sampling['sample_fps'], sampling['max_frames'])
+    used = ('mode', 'num_frames') if sampling['mode'] == 'uniform' else ('mode', 'sample_fps', 'max_frames')
+    return {k: sampling[k] for k in used}
+
+
+def _vector_options(model: CNClip, modality: str, video_options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option besides the model and the inputs that changes the vectors: recorded in ``meta.json`` and
+    compared when a job is rerun, so a resumed job is never a mix."""
+    options: dict[str, Any] = {'precision': model.precision}
+    if modality == 'image':
+        options['fast_decode'] = model.transform.fast_decode
+    if modality == 'video':
+        options['video'] = video_sampling(video_options)
+    return options
+
+
+def _flat(options: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f'{prefix}{key}.'))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def _check_same_job(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     checks = [('inputs', old.get('input', {}).get('digest'), new['input']['digest']),
               ('model', old.get('model', {}).get('fingerprint'), new['model']['fingerprint']),
               ('precision', old.get('model', {}).get('precision'), new['model']['precision']),
               ('modality', old.get('modality'), new['modality']),
               ('shard size', old.get('shard_size'), new['shard_size'])]
+    if 'options' in old:  # dirs written before options were recorded have none to compare
+        before, now = _flat(old['options']), _flat(new['options'])
+        checks += [(f'option {key}', before.get(key), now.get(key)) for key in sorted(set(before) | set(now))]
     for what, a, b in checks:
         if a != b:
             raise ValueError(f'{out} holds embeddings of another job (its {what} differs: {a!r} there, {b!r} now); '
@@ -211,6 +259,21 @@ def _finish(out: Path, meta: dict[str, Any]) -> tuple[int, int]:
     atomic_write_bytes(out / ERRORS, lines.encode('utf-8'))
     write_meta(out, {**meta, 'complete': True, 'embedded': embedded, 'failed': len(failures)})
     return embedded, len(failures)
+
+
+def _check_job_options(engine: str, shard_size: int, batch_size: int | None, num_threads: int,
+                       num_workers: int | None, gpus_per_worker: float, video_options: Mapping[str, Any]) -> None:
+    """Refuse invalid job options before anything is read, loaded or started (the same errors under every
+    engine)."""
+    if engine not in ENGINES:
+        raise ValueError(f'engine={engine!r}: choose one of {ENGINES}')
+    for name, value, low in (('shard_size', shard_size, 1), ('batch_size', batch_size, 1),
+                             ('num_threads', num_threads, 0), ('num_workers', num_workers, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f'{name}={value!r}: expected a whole number >= {low}')
+    if not (isinstance(gpus_per_worker, (int, float)) and 0 <= gpus_per_worker < float('inf')):
+        raise ValueError(f'gpus_per_worker={gpus_per_worker!r}: expected a number >= 0 (0: CPU workers)')
+    video_sampling(video_options)
 
 
 def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLike | Collection,
@@ -235,16 +298,17 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
         progress: show a progress bar (default: when stderr is a terminal).
         engine: ``'local'`` or ``'ray'`` (Ray Data over ``ray_address``, ``num_workers`` actors with
             ``gpus_per_worker`` GPUs each; every worker must see ``out`` and the inputs, e.g. a shared filesystem).
-        video_options: ``num_frames``, ``mode``, ... for video collections (see :mod:`modelscope_cnclip.video`).
+        video_options: ``num_frames``, ``mode``, ``sample_fps``, ``max_frames`` for video collections (see
+            :func:`video_sampling`); validated for every job.
     Returns:
         An :class:`EmbedReport`; failed inputs are in ``out/errors.jsonl``.
+    Raises:
+        ValueError: an invalid option (before anything is read, loaded or started, under every engine), or an
+            ``out`` holding another job: other inputs, model, modality, shard size, or option that changes the
+            vectors (``meta.json``'s ``options``: precision, ``fast_decode`` for images, the frame sampling for
+            videos); ``overwrite=True`` recomputes instead.
     """
-    if engine not in ENGINES:
-        raise ValueError(f'engine={engine!r}: choose one of {ENGINES}')
-    if shard_size < 1:
-        raise ValueError(f'shard_size={shard_size}: must be >= 1')
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f'batch_size={batch_size}: must be >= 1 (or None for a size that suits the device)')
+    _check_job_options(engine, shard_size, batch_size, num_threads, num_workers, gpus_per_worker, video_options)
     started = time.perf_counter()
     coll = source if isinstance(source, Collection) else open_collection(source, modality, split, columns, root)
     if not isinstance(model, CNClip):
@@ -252,6 +316,7 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
     out = Path(out)
     num_shards = -(-len(coll) // shard_size)
     meta = {'model': model.info(), 'modality': coll.modality,
+            'options': _vector_options(model, coll.modality, video_options),
             'input': {**coll.describe(), 'digest': ids_digest([i.id for i in coll.items])},
             'shard_size': shard_size, 'num_shards': num_shards, 'dtype': 'float32', 'normalized': True,
             'complete': False}

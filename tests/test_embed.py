@@ -281,3 +281,78 @@ def test_video_folder(model, tmp_path: Path) -> None:
     hits = Searcher.open(tmp_path / 'v.index', model=model).search(frame, k=2)
     assert [h.id for h in hits] == ['trips/b.avi', 'a.mp4']
     assert hits[0].path == str((d / 'trips' / 'b.avi').resolve())
+
+
+# --- a rerun is the same job ------------------------------------------------------------------------------------
+
+def test_options_that_change_vectors_are_recorded_and_compared(plugin_vit_dir: Path, photo_dir: Path,
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / 'p.emb'
+    embed_collection(plugin_vit_dir, photo_dir, out, shard_size=2)
+    assert load_embeddings(out).meta['options'] == {'precision': 'fp32', 'fast_decode': False}
+    for kwargs, named in (({'fast_decode': True}, "option fast_decode differs: False there, True now"),
+                          ({'precision': 'bf16'}, "precision differs: 'fp32' there, 'bf16' now")):
+        with pytest.raises(ValueError, match=named):
+            embed_collection(plugin_vit_dir, photo_dir, out, shard_size=2, **kwargs)
+    report = embed_collection(plugin_vit_dir, photo_dir, out, shard_size=2, fast_decode=True, overwrite=True)
+    assert report.shards_resumed == 0 and load_embeddings(out).meta['options']['fast_decode'] is True
+    assert embed_collection(plugin_vit_dir, photo_dir, out, shard_size=2, fast_decode=True).shards_resumed == 4
+
+
+def test_video_sampling_is_part_of_the_job(model, tmp_path: Path, capsys) -> None:
+    pytest.importorskip('decord')
+    pytest.importorskip('av')
+    from test_video import textured, write_video
+    d = tmp_path / 'videos'
+    d.mkdir()
+    write_video(d / 'a.mp4', textured(1, 12))
+    out = tmp_path / 'v.emb'
+    embed_collection(model, d, out, modality='video', num_frames=2)
+    assert load_embeddings(out).meta['options']['video'] == {'mode': 'uniform', 'num_frames': 2}
+    with pytest.raises(ValueError, match="option video.num_frames differs: 2 there, 4 now"):
+        embed_collection(model, d, out, modality='video', num_frames=4)
+    with pytest.raises(ValueError, match="option video.mode differs: 'uniform' there, 'fps' now"):
+        embed_collection(model, d, out, modality='video', mode='fps')
+    # sample_fps does not change uniform sampling: the same job, resumed
+    assert embed_collection(model, d, out, modality='video', num_frames=2, sample_fps=5).shards_resumed == 1
+    fps = tmp_path / 'f.emb'
+    embed_collection(model, d, fps, modality='video', mode='fps', sample_fps=2)
+    with pytest.raises(ValueError, match='option video.sample_fps differs: 2 there, 4 now'):
+        embed_collection(model, d, fps, modality='video', mode='fps', sample_fps=4)
+    with pytest.raises(ValueError, match='option video.max_frames differs: None there, 3 now'):
+        embed_collection(model, d, fps, modality='video', mode='fps', sample_fps=2, max_frames=3)
+    # the CLI passes its frame options also when --modality auto finds a video column, and names what differs
+    (tmp_path / 'clips.jsonl').write_text(json.dumps({'id': 'a', 'video': str(d / 'a.mp4')}) + '\n')
+    cli_out = tmp_path / 'cli.emb'
+    assert main(['embed', str(model.source), str(tmp_path / 'clips.jsonl'), '--out', str(cli_out),
+                 '--num-frames', '3', '--no-progress']) == 0
+    assert load_embeddings(cli_out).meta['options']['video'] == {'mode': 'uniform', 'num_frames': 3}
+    capsys.readouterr()
+    assert main(['embed', str(model.source), str(tmp_path / 'clips.jsonl'), '--out', str(cli_out),
+                 '--no-progress']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'option video.num_frames differs: 3 there, 8 now' in err
+
+
+def test_invalid_options_are_refused_before_anything_starts(photo_dir: Path, tmp_path: Path, capsys) -> None:
+    # the model does not exist: the option error comes first, before any loading, under either engine
+    for engine in ('local', 'ray'):
+        for kwargs, match in (({'num_frames': 0}, 'num_frames=0: expected an int >= 1'),
+                              ({'mode': 'fps', 'sample_fps': 0}, 'sample_fps=0: expected a number > 0'),
+                              ({'batch_size': 0}, 'batch_size=0: expected a whole number >= 1'),
+                              ({'num_workers': 0}, 'num_workers=0'), ({'gpus_per_worker': -1}, 'gpus_per_worker=-1'),
+                              ({'frames': 3}, r"unknown video option\(s\) \['frames'\]")):
+            with pytest.raises(ValueError, match=match):
+                embed_collection(tmp_path / 'no-model', photo_dir, tmp_path / 'o.emb', engine=engine, **kwargs)
+    base = ['embed', str(tmp_path / 'no-model'), str(photo_dir), '--out', str(tmp_path / 'o.emb')]
+    for args in (['--num-frames', '0'], ['--engine', 'ray', '--num-frames', '0']):
+        with pytest.raises(SystemExit) as exit_info:  # argparse: usage errors exit 2
+            main(base + args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count('\n') == 1 and 'argument --num-frames' in err, err
+    assert main(base + ['--engine', 'ray', '--frame-mode', 'fps', '--sample-fps', '0']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'sample_fps=0.0: expected a number > 0' in err, err
+    assert not (tmp_path / 'o.emb').exists()
+    ray = sys.modules.get('ray')
+    assert ray is None or not ray.is_initialized()
