@@ -88,6 +88,7 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from .embed import embed_collection
+    from .scale import DEFAULT_SCHEDULE_TIMEOUT
     columns = dict(_key_value(c, '--column') for c in args.column)
     # Used by video collections only (also when --modality auto finds videos), validated for every job.
     video = {'num_frames': args.num_frames, 'mode': args.frame_mode, 'sample_fps': args.sample_fps,
@@ -97,7 +98,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, num_threads=args.threads, overwrite=args.overwrite,
         progress=False if args.no_progress else None, engine=args.engine, device=args.device,
         precision=args.precision, fast_decode=args.fast_decode, ray_address=args.ray_address,
-        num_workers=args.workers, gpus_per_worker=args.gpus_per_worker, **video)
+        num_workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        schedule_timeout=DEFAULT_SCHEDULE_TIMEOUT if args.schedule_timeout is None else args.schedule_timeout, **video)
     print(json.dumps(report.to_dict(), ensure_ascii=False))
     return 0
 
@@ -315,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='Ray actors (default: one per GPU with --gpus-per-worker, else 1)')
     p.add_argument('--gpus-per-worker', type=_non_negative_float, default=0.0,
                    help='GPUs per Ray actor (0: CPU workers)')
+    p.add_argument('--schedule-timeout', type=_non_negative_float, metavar='SECONDS',
+                   help='with --ray-address: how long to wait for a node that can hold a worker (an autoscaler may '
+                        'add one) before giving up (default 600); a Ray instance cnclip starts refuses at once')
 
     index_help = 'build, extend or describe a vector index of embeddings (needs faiss: modelscope_cnclip[index])'
     isub = sub.add_parser('index', help=index_help, description=index_help).add_subparsers(

@@ -37,6 +37,7 @@ from .embeddings import (
     write_shard,
 )
 from .inference import CNClip, load
+from .scale import DEFAULT_SCHEDULE_TIMEOUT
 from .transform import map_ahead
 
 __all__ = ['EmbedReport', 'embed_collection', 'embed_items', 'auto_batch_size', 'video_sampling']
@@ -283,7 +284,7 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
                      overwrite: bool = False, progress: bool | None = None, engine: str = 'local',
                      device: str = 'cpu', precision: str = 'fp32', fast_decode: bool = False,
                      ray_address: str | None = None, num_workers: int | None = None, gpus_per_worker: float = 0.0,
-                     **video_options: Any) -> EmbedReport:
+                     schedule_timeout: float | None = DEFAULT_SCHEDULE_TIMEOUT, **video_options: Any) -> EmbedReport:
     """Embed a whole collection into the embeddings dir ``out``, resuming an interrupted run of the same job.
 
     Args:
@@ -298,6 +299,9 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
         progress: show a progress bar (default: when stderr is a terminal).
         engine: ``'local'`` or ``'ray'`` (Ray Data over ``ray_address``, ``num_workers`` actors with
             ``gpus_per_worker`` GPUs each; every worker must see ``out`` and the inputs, e.g. a shared filesystem).
+        schedule_timeout: seconds to wait for a node of the ``ray_address`` cluster that can hold a worker (an
+            autoscaler may add one) before giving up (``None``: no limit); a Ray instance the job starts itself
+            refuses such a request at once.
         video_options: ``num_frames``, ``mode``, ``sample_fps``, ``max_frames`` for video collections (see
             :func:`video_sampling`); validated for every job.
     Returns:
@@ -331,7 +335,7 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
     if todo and engine == 'ray':
         from .scale import run_ray
         run_ray(model, coll, out, todo, shard_size, size, num_threads, ray_address, num_workers, gpus_per_worker,
-                video_options)
+                video_options, schedule_timeout=schedule_timeout)
     elif todo:
         _run_local(model, coll, out, todo, shard_size, size, num_threads, progress, video_options)
     embedded, failed = _finish(out, meta)
