@@ -263,7 +263,8 @@ def _finish(out: Path, meta: dict[str, Any]) -> tuple[int, int]:
 
 
 def _check_job_options(engine: str, shard_size: int, batch_size: int | None, num_threads: int,
-                       num_workers: int | None, gpus_per_worker: float, video_options: Mapping[str, Any]) -> None:
+                       num_workers: int | None, gpus_per_worker: float, schedule_timeout: float | None,
+                       video_options: Mapping[str, Any]) -> None:
     """Refuse invalid job options before anything is read, loaded or started (the same errors under every
     engine)."""
     if engine not in ENGINES:
@@ -274,6 +275,9 @@ def _check_job_options(engine: str, shard_size: int, batch_size: int | None, num
             raise ValueError(f'{name}={value!r}: expected a whole number >= {low}')
     if not (isinstance(gpus_per_worker, (int, float)) and 0 <= gpus_per_worker < float('inf')):
         raise ValueError(f'gpus_per_worker={gpus_per_worker!r}: expected a number >= 0 (0: CPU workers)')
+    if schedule_timeout is not None and not (isinstance(schedule_timeout, (int, float))
+                                             and 0 <= schedule_timeout < float('inf')):
+        raise ValueError(f'schedule_timeout={schedule_timeout!r}: expected seconds >= 0, or None for no limit')
     video_sampling(video_options)
 
 
@@ -312,7 +316,8 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
             vectors (``meta.json``'s ``options``: precision, ``fast_decode`` for images, the frame sampling for
             videos); ``overwrite=True`` recomputes instead.
     """
-    _check_job_options(engine, shard_size, batch_size, num_threads, num_workers, gpus_per_worker, video_options)
+    _check_job_options(engine, shard_size, batch_size, num_threads, num_workers, gpus_per_worker, schedule_timeout,
+                       video_options)
     started = time.perf_counter()
     coll = source if isinstance(source, Collection) else open_collection(source, modality, split, columns, root)
     if not isinstance(model, CNClip):

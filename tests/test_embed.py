@@ -341,6 +341,7 @@ def test_invalid_options_are_refused_before_anything_starts(photo_dir: Path, tmp
                               ({'mode': 'fps', 'sample_fps': 0}, 'sample_fps=0: expected a number > 0'),
                               ({'batch_size': 0}, 'batch_size=0: expected a whole number >= 1'),
                               ({'num_workers': 0}, 'num_workers=0'), ({'gpus_per_worker': -1}, 'gpus_per_worker=-1'),
+                              ({'schedule_timeout': -1}, 'schedule_timeout=-1: expected seconds >= 0'),
                               ({'frames': 3}, r"unknown video option\(s\) \['frames'\]")):
             with pytest.raises(ValueError, match=match):
                 embed_collection(tmp_path / 'no-model', photo_dir, tmp_path / 'o.emb', engine=engine, **kwargs)
