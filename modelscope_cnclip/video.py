@@ -10,6 +10,19 @@ and last frames half a segment each and over-weight the boundaries), and the sam
 frame (often black, a fade-in or a title card) and of the last one (often a fade-out, and the frame decord most
 often fails to decode when a file's index is broken). It never reaches ``num_frames``; a video with fewer than
 ``num`` frames gives each of its frames once.
+
+Time, not frame numbers: segments (``'uniform'``) and sample times (``'fps'``) are measured in seconds, and the
+frame taken for a time is the one on screen then, read from the container's frame timestamps. A variable frame
+rate video (phones, screen recordings) can hold 1 frame a second for a minute and then 60: sampled by frame
+number, its fast part would take most of the sample. When the timestamps are those of a constant rate (every
+frame within a tenth of a frame, or 1 ms, of ``index / average fps``) the frame numbers are computed exactly as
+above, which picks the same frames; when they are missing or unusable (not finite, not increasing) frames are
+timed by ``index / average fps``, logged at INFO. A frame on screen at several sample times is taken once.
+
+Decoded frames are checked: each must be ``(H, W, 3)`` uint8 RGB. decord returns 4- or 6-channel arrays for some
+frame widths (16, 24, 48 px among them, including widths made by rotation metadata); such a video is decoded
+with PyAV instead (frames in presentation order, rotation applied) or, without PyAV, reported as a
+:class:`VideoError` that names it and the shape. Nothing else is ever embedded.
 """
 from __future__ import annotations
 
@@ -51,6 +64,11 @@ _ACCEPTED = 'a file path, a pathlib.Path, an http(s) URL or the encoded bytes of
 # How far back from the end a broken tail is probed: n-1, n-2, n-3, n-5, n-9, ... (then frame 0).
 _MAX_PROBES = 24
 _TRIES = 2  # reads of one frame in the frame-by-frame fallback
+# Timestamps count as equal within a millisecond: the clock of Matroska, WebM and FLV, and more than float32's
+# rounding (decord's timestamps) of times under about two hours.
+_TIME_TOL = 1e-3
+_RATE_TOL = 0.1  # frames: timestamps this close to index / fps are a constant rate
+PYAV_HINT = 'pip install av'
 # decord prefixes its C++ messages with "[hh:mm:ss] /path/file.cc:123: "; the reason is what follows.
 _DECORD_PREFIX = re.compile(r'\[\d\d:\d\d:\d\d\] \S+?:\d+: ')
 
@@ -106,40 +124,106 @@ def _spread(n: int, num: int) -> list[int]:
     return [(2 * i + 1) * n // (2 * num) for i in range(num)]
 
 
+def _cap(indices: list[int], max_frames: int | None) -> list[int]:
+    """At most ``max_frames`` of ``indices``, spread uniformly over them (all when ``max_frames`` is None)."""
+    if max_frames is not None and len(indices) > max_frames:
+        return [indices[i] for i in _spread(len(indices), max_frames)]
+    return indices
+
+
+def _timestamps_problem(timestamps: np.ndarray, num_frames: int) -> str | None:
+    """Why ``timestamps`` cannot time the frames (None when they can): the shape, or starts that are not finite
+    or not strictly increasing."""
+    if timestamps.shape != (num_frames, 2):
+        return f'shape {timestamps.shape}, expected ({num_frames}, 2): (start, end) seconds per frame'
+    starts = timestamps[:, 0]
+    bad = np.flatnonzero(~np.isfinite(starts))
+    if len(bad):
+        return f'frame {bad[0]} starts at {starts[bad[0]]}'
+    back = np.flatnonzero(np.diff(starts) <= 0)
+    if len(back):
+        k = int(back[0]) + 1
+        return f'frame {k} starts at {starts[k]:.6g} s, not after frame {k - 1} ({starts[k - 1]:.6g} s)'
+    return None
+
+
+def _constant_rate(starts: np.ndarray, fps: float) -> bool:
+    """Whether frame ``k`` starts at ``starts[0] + k / fps`` for every ``k``, within a tenth of a frame or 1 ms."""
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        return False
+    drift = np.abs(starts - starts[0] - np.arange(len(starts)) / fps).max()
+    return bool(drift <= max(_RATE_TOL / fps, _TIME_TOL))
+
+
+def _clock(timestamps: Any, num_frames: int, fps: float) -> tuple[np.ndarray, float] | None:
+    """``(starts, end)`` in seconds to sample a variable-rate video by time, or None to sample by frame number
+    (no timestamps, or those of a constant rate ``fps``). Raises ValueError for unusable timestamps."""
+    if timestamps is None:
+        return None
+    ts = np.asarray(timestamps, np.float64)
+    problem = _timestamps_problem(ts, num_frames)
+    if problem:
+        raise ValueError(f'timestamps: {problem}; pass timestamps=None to time frames by index / fps')
+    starts = ts[:, 0]
+    if _constant_rate(starts, fps):
+        return None
+    end = float(ts[-1, 1])
+    if not (math.isfinite(end) and end > starts[-1]):  # no end given: the last frame lasts a typical frame
+        end = starts[-1] + (float(np.median(np.diff(starts))) if num_frames > 1 else 0.0)
+    return starts, end
+
+
+def _shown_at(starts: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Index of the frame on screen at each of ``times`` (seconds): the last one starting by then, within 1 ms."""
+    return (np.searchsorted(starts, times + _TIME_TOL, side='right') - 1).clip(0, len(starts) - 1)
+
+
 def sample_indices(num_frames: int, fps: float, num: int = 8, mode: str = 'uniform', sample_fps: float = 1.0,
-                   max_frames: int | None = None) -> list[int]:
+                   max_frames: int | None = None, timestamps: Any = None) -> list[int]:
     """Which frames of a video to embed: sorted, distinct indices in ``[0, num_frames)``.
 
     Args:
         num_frames: frames in the video.
-        fps: its frame rate (read in ``'fps'`` mode only).
-        num: ``'uniform'``: how many frames; the centre frame of each of ``num`` equal segments (see the module
-            docstring), or every frame once when the video is shorter.
-        mode: ``'uniform'`` or ``'fps'``: one frame every ``1 / sample_fps`` seconds from t=0 (the frame shown at
-            that time), every frame once when ``sample_fps >= fps``.
+        fps: its average frame rate (read in ``'fps'`` mode, and to tell a constant rate from ``timestamps``).
+        num: ``'uniform'``: how many frames; the centre frame of each of ``num`` equal segments of the video's
+            duration (see the module docstring), or every frame once when the video is shorter.
+        mode: ``'uniform'`` or ``'fps'``: one frame every ``1 / sample_fps`` seconds from the first frame (the
+            frame shown at that time), every frame once when ``sample_fps >= fps`` at a constant rate.
         sample_fps: frames per second in ``'fps'`` mode.
         max_frames: ``'fps'`` mode: keep at most this many of those frames, spread uniformly over them as above.
+        timestamps: optional ``(num_frames, 2)`` float seconds, each frame's display start and end in
+            presentation order (decord's ``get_frame_timestamp``, PyAV's ``pts`` and ``duration``). Unless they are
+            those of the constant rate ``fps`` (which samples exactly as without them), segments and sample
+            times are placed by them; the end of the last frame is the video's end. ``'fps'`` mode then needs no
+            ``fps``.
 
     Raises:
-        ValueError: a video with no frames, a frame rate that is not a positive number in ``'fps'`` mode, or
+        ValueError: a video with no frames, a frame rate that is not a positive number in ``'fps'`` mode without
+            usable ``timestamps``, timestamps of the wrong shape, not finite or not strictly increasing, or
             invalid arguments.
     """
     check_sampling(num, mode, sample_fps, max_frames)
     if num_frames < 1:
         raise ValueError(f'the video has no frames (num_frames={num_frames}): nothing to sample')
+    clock = _clock(timestamps, num_frames, fps)
     if mode == 'uniform':
-        return _spread(num_frames, num)
-    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
-        raise ValueError(f"frame rate {fps!r} is not a positive number, so mode='fps' cannot time frames; "
-                         f"use mode='uniform'")
-    step = fps / sample_fps  # frames between samples
-    count = max(1, math.ceil(num_frames / step - 1e-9))  # samples at t = k / sample_fps < duration
-    # The frame shown at time t is floor(t * fps); the epsilon keeps k * step = 9.9999999 on frame 10.
-    picks = np.floor(np.arange(count) * step + 1e-6).astype(np.int64).clip(0, num_frames - 1)
-    indices = np.unique(picks).tolist()  # sample_fps > fps maps several samples to one frame
-    if max_frames is not None and len(indices) > max_frames:
-        indices = [indices[i] for i in _spread(len(indices), max_frames)]
-    return indices
+        if clock is None or num_frames <= num:
+            return _spread(num_frames, num)
+        starts, end = clock
+        return np.unique(_shown_at(starts, starts[0] + (np.arange(num) + 0.5) * (end - starts[0]) / num)).tolist()
+    if clock is not None:
+        starts, end = clock
+        count = max(1, math.ceil((end - starts[0] - _TIME_TOL) * sample_fps))  # sample times before the end
+        picks = _shown_at(starts, starts[0] + np.arange(count) / sample_fps)
+    else:
+        if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+            raise ValueError(f"frame rate {fps!r} is not a positive number and there are no frame timestamps, so "
+                             f"mode='fps' cannot time frames; use mode='uniform'")
+        step = fps / sample_fps  # frames between samples
+        count = max(1, math.ceil(num_frames / step - 1e-9))  # samples at t = k / sample_fps < duration
+        # The frame shown at time t is floor(t * fps); the epsilon keeps k * step = 9.9999999 on frame 10.
+        picks = np.floor(np.arange(count) * step + 1e-6).astype(np.int64).clip(0, num_frames - 1)
+    return _cap(np.unique(picks).tolist(), max_frames)  # sample_fps > fps maps several samples to one frame
 
 
 def _what(source: Any) -> str:
@@ -177,20 +261,58 @@ def _to_numpy(batch: Any) -> np.ndarray:
     return batch.asnumpy() if hasattr(batch, 'asnumpy') else np.asarray(batch)
 
 
+class _WrongShape(Exception):
+    """Decoded frames that are not ``(H, W, 3)`` uint8 RGB (not a read error: retrying the decoder is no use)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        super().__init__(f'{shape} {dtype} arrays, not (H, W, 3) uint8 RGB')
+        self.shape, self.dtype = shape, dtype
+
+
+def _rgb(frames: Any, one: bool = False) -> np.ndarray:
+    """Decoded frames as numpy, checked: ``(F, H, W, 3)`` uint8 (``(H, W, 3)`` when ``one``), not empty.
+
+    Raises:
+        _WrongShape: anything else (decord gives 4- or 6-channel arrays for some frame widths), with the shape of
+            one frame.
+    """
+    arr = _to_numpy(frames)
+    if arr.dtype != np.uint8 or arr.ndim != (3 if one else 4) or arr.shape[-1] != 3 or arr.size == 0:
+        raise _WrongShape(tuple(arr.shape[0 if one else 1:]), arr.dtype)
+    return arr
+
+
+def _frame_times(reader: Any, total: int, what: str, errors: tuple[type[BaseException], ...]) -> np.ndarray | None:
+    """The reader's ``(total, 2)`` frame start/end seconds, or None (logged) when it has none that are usable."""
+    get = getattr(reader, 'get_frame_timestamp', None)
+    if get is None:
+        return None
+    try:
+        times = np.asarray(_to_numpy(get(np.arange(total))), np.float64)
+        problem = _timestamps_problem(times, total)
+    except errors as e:
+        problem = _reason(e)
+    if problem:
+        logger.info('video %s: its frame timestamps are unusable (%s); frames are timed by index / average fps',
+                    what, problem)
+        return None
+    return times
+
+
 def _last_decodable(open_reader: Callable[[], Any], total: int, errors: tuple[type[BaseException], ...]) -> int:
     """Index of a late frame that decodes, probing ``total-1, total-2, total-3, total-5, ...`` and then 0 (each
     on a fresh reader: decord's decoder can stay broken after an error); -1 when none does."""
     offsets = [0] + [2 ** k for k in range(_MAX_PROBES)]
     for i in [total - 1 - off for off in offsets if total - 1 - off > 0] + [0]:
         try:
-            _to_numpy(open_reader()[i])
+            _rgb(open_reader()[i], one=True)
             return i
         except errors:
             continue
     return -1
 
 
-def _decode(open_reader: Callable[[int], Any], pick: Callable[[int, float], list[int]], what: str,
+def _decode(open_reader: Callable[[int], Any], pick: Callable[..., list[int]], what: str,
             errors: tuple[type[BaseException], ...], num_threads: int = 1) -> tuple[list[int], np.ndarray]:
     """Sample and decode frames -> ``(indices read, (F, H, W, 3) uint8)``, working around broken files.
 
@@ -200,13 +322,23 @@ def _decode(open_reader: Callable[[int], Any], pick: Callable[[int, float], list
     and on a failed batch read the tail is probed for the last frame that decodes and the sampling is redone over
     the frames up to it; if that fails too, each sampled frame is read on its own (a seek per frame) and those that
     decode are kept. ``open_reader(n)`` opens the video with ``n`` decoding threads; the fallbacks use one, which
-    reads ahead the least.
+    reads ahead the least. ``pick(n, fps)`` samples the first ``n`` frames, ``pick(n, fps, timestamps)`` when the
+    reader has usable frame timestamps (``(n, 2)`` seconds).
+
+    Raises:
+        VideoError: no frame decodes, or the sampling fails. _WrongShape: the frames decode to something other
+            than ``(H, W, 3)`` uint8.
     """
     reader = open_reader(num_threads)
     fresh = partial(open_reader, 1)
     total, fps = len(reader), float(reader.get_avg_fps())
+    times = _frame_times(reader, total, what, errors)
+
+    def sample(n: int) -> list[int]:
+        return pick(n, fps) if times is None else pick(n, fps, times[:n])
+
     try:
-        indices = pick(total, fps)
+        indices = sample(total)
     except ValueError as e:
         raise VideoError(f'cannot read video {what}: {e}') from None
     try:
@@ -217,7 +349,7 @@ def _decode(open_reader: Callable[[int], Any], pick: Callable[[int, float], list
     if last < 0:
         raise VideoError(f'cannot read video {what}: none of its {total} frames decodes ({first})')
     if last + 1 < total:
-        retry = pick(last + 1, fps)
+        retry = sample(last + 1)
         try:
             frames = _twice(fresh, lambda r: r.get_batch(retry), errors)
             logger.warning('video %s: its last %d of %d frames do not decode (%s); sampled its first %d instead',
@@ -229,7 +361,7 @@ def _decode(open_reader: Callable[[int], Any], pick: Callable[[int, float], list
     for i in indices:
         for _ in range(_TRIES):
             try:
-                got.append((i, _to_numpy(reader[i])))
+                got.append((i, _rgb(reader[i], one=True)))
                 break
             except errors:
                 reader = fresh()  # decord's decoder can stay broken after an error
@@ -241,16 +373,113 @@ def _decode(open_reader: Callable[[int], Any], pick: Callable[[int, float], list
 
 def _twice(open_reader: Callable[[], Any], read: Callable[[Any], Any], errors: tuple[type[BaseException], ...],
            reader: Any = None) -> np.ndarray:
-    """``read(reader)`` as a numpy array, tried once more on a fresh reader if it fails."""
+    """``read(reader)`` as a checked ``(F, H, W, 3)`` uint8 array, tried once more on a fresh reader if it fails
+    (a wrong shape is not retried: it raises :class:`_WrongShape`)."""
     try:
-        return _to_numpy(read(reader if reader is not None else open_reader()))
+        return _rgb(read(reader if reader is not None else open_reader()))
     except errors:
-        return _to_numpy(read(open_reader()))
+        return _rgb(read(open_reader()))
+
+
+def _displayed(frame: Any) -> np.ndarray:
+    """A PyAV frame as shown: ``(H, W, 3)`` uint8 RGB with its rotation metadata applied (as decord does)."""
+    arr = frame.to_ndarray(format='rgb24')
+    turns = round(getattr(frame, 'rotation', 0) / 90) % 4  # counter-clockwise degrees, from the display matrix
+    return np.ascontiguousarray(np.rot90(arr, turns)) if turns else arr
+
+
+def _packet_times(packets: list[tuple[int | None, int | None]], time_base: float) -> np.ndarray:
+    """``(n, 2)`` display start/end seconds of the frames of ``(pts, duration)`` packets, in presentation order
+    (each frame ends where the next starts); all NaN when a pts is missing, so frames are timed by index."""
+    if not packets or any(pts is None for pts, _ in packets):
+        return np.full((len(packets), 2), math.nan)
+    pts, durations = zip(*sorted(packets, key=lambda p: p[0]))
+    starts = np.array(pts, np.float64) * time_base
+    return np.stack([starts, np.append(starts[1:], starts[-1] + (durations[-1] or 0) * time_base)], 1)
+
+
+class _AVReader:
+    """The part of decord's ``VideoReader`` that :func:`_decode` uses, backed by PyAV: frames in presentation
+    order as shown (:func:`_displayed`), timestamps from the packets' pts as decord reads them.
+
+    Reading frames decodes the video from its start up to the last one asked for, without seeking: exact frame
+    numbers at the cost of speed, for the videos decord misdecodes (narrow ones, so small).
+    """
+
+    def __init__(self, av: ModuleType, source: str | bytes) -> None:
+        self._av, self._source = av, source
+        with self._open() as container:
+            stream = container.streams.video[0]  # IndexError: no video stream
+            packets = [(p.pts, p.duration) for p in container.demux(stream) if p.size]
+            self._fps = float(stream.average_rate or 0)
+            self._times = _packet_times(packets, float(stream.time_base or 0))
+
+    def _open(self) -> Any:
+        return self._av.open(io.BytesIO(self._source) if isinstance(self._source, bytes) else self._source)
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    def get_avg_fps(self) -> float:
+        return self._fps
+
+    def get_frame_timestamp(self, indices: Any) -> np.ndarray:
+        return self._times[indices]
+
+    def get_batch(self, indices: Sequence[int]) -> np.ndarray:
+        """``(len(indices), H, W, 3)`` uint8. Raises IndexError for frames that do not decode."""
+        wanted, got = set(indices), {}
+        with self._open() as container:
+            stream = container.streams.video[0]
+            stream.thread_type = 'AUTO'
+            for k, frame in enumerate(container.decode(stream)):
+                if k in wanted:
+                    got[k] = _displayed(frame)
+                if len(got) == len(wanted):
+                    break
+        if len(got) < len(wanted):
+            raise IndexError(f'frames {sorted(wanted - set(got))} of {len(self)} do not decode')
+        return np.stack([got[i] for i in indices])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get_batch([i])[0]
+
+
+def _decode_with_pyav(source: str | bytes, pick: Callable[..., list[int]], what: str,
+                      wrong: _WrongShape) -> tuple[list[int], np.ndarray]:
+    """:func:`_decode` with PyAV, for a video whose frames decord decoded as ``wrong``.
+
+    Raises:
+        VideoError: PyAV is not installed (naming the video, the shape and the fix), or cannot read the video.
+    """
+    try:
+        import av
+    except ImportError:
+        raise VideoError(f'cannot read video {what}: decord decodes its frames as {wrong} (a decord bug with some '
+                         f'frame widths, such as 16, 24 or 48 px); install PyAV to decode them instead: '
+                         f'{PYAV_HINT}') from None
+    logger.info('video %s: decord decodes its frames as %s; decoding it with PyAV instead', what, wrong)
+    errors = (av.error.FFmpegError, IndexError)
+
+    def open_reader(threads: int) -> _AVReader:
+        try:
+            return _AVReader(av, source)
+        except (av.error.FFmpegError, IndexError) as e:
+            raise VideoError(f'cannot read video {what} with PyAV: {e}') from None
+
+    try:
+        return _decode(open_reader, pick, what, errors)
+    except _WrongShape as e:  # not expected: PyAV converts to RGB itself
+        raise VideoError(f'cannot read video {what}: PyAV decodes its frames as {e}') from None
 
 
 def read_frames(source: VideoInput, num_frames: int = 8, mode: str = 'uniform', sample_fps: float = 1.0,
                 max_frames: int | None = None, num_threads: int = 2, timeout: float = 30.0) -> list[Image.Image]:
     """Decode the sampled frames of one video (see :func:`sample_indices`) as RGB PIL images, in time order.
+
+    Frames are sampled by the container's frame timestamps (see the module docstring) and decoded with decord;
+    when decord decodes them to anything but ``(H, W, 3)`` uint8 RGB, the video is decoded with PyAV (an
+    optional dependency) instead.
 
     Args:
         source: a file path (str or ``os.PathLike``), an http(s) URL, or the encoded bytes of a video file.
@@ -260,8 +489,10 @@ def read_frames(source: VideoInput, num_frames: int = 8, mode: str = 'uniform', 
         timeout: seconds allowed for a URL download.
 
     Raises:
-        VideoError: an empty, corrupt or unreadable video, or one without frames. FileNotFoundError: a path that
-        does not exist. TypeError: an unsupported input. ImportError: decord is not installed.
+        VideoError: an empty, corrupt or unreadable video, or one without frames, or whose frames decord decodes
+        to a wrong shape while PyAV is not installed (the message names the shape and ``pip install av``).
+        FileNotFoundError: a path that does not exist. TypeError: an unsupported input. ImportError: decord is not
+        installed.
     """
     check_sampling(num_frames, mode, sample_fps, max_frames)
     decord = _decord()
@@ -287,10 +518,13 @@ def read_frames(source: VideoInput, num_frames: int = 8, mode: str = 'uniform', 
         except (decord.DECORDError, RuntimeError) as e:
             raise VideoError(f'cannot read video {what}: {_reason(e)}') from None
 
-    def pick(total: int, fps: float) -> list[int]:
-        return sample_indices(total, fps, num_frames, mode, sample_fps, max_frames)
+    def pick(total: int, fps: float, times: np.ndarray | None = None) -> list[int]:
+        return sample_indices(total, fps, num_frames, mode, sample_fps, max_frames, times)
 
-    indices, frames = _decode(open_reader, pick, what, errors, num_threads)
+    try:
+        indices, frames = _decode(open_reader, pick, what, errors, num_threads)
+    except _WrongShape as e:
+        indices, frames = _decode_with_pyav(data if data is not None else uri, pick, what, e)
     logger.debug('video %s: frames %s', what, indices)
     return [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
 
