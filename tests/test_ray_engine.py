@@ -238,11 +238,9 @@ def test_model_unreadable_on_the_workers_is_reported_like_a_local_job(own_ray, p
     assert _error_line(capsys.readouterr().err) == local
 
 
-@pytest.mark.ray
-def test_shard_write_error_on_a_worker_is_reported_like_a_local_job(own_ray, plugin_vit_dir: Path, photo_dir: Path,
-                                                                   tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A shard the worker cannot write (a file where the shards folder goes): the same OSError, exit 2."""
+@pytest.fixture
+def blocked_shards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every job's shards folder is a file: writing a shard fails with FileExistsError, locally or on a worker."""
     prepare = embed_mod._prepare_out
 
     def block_shards(out: Path, *args: object, **kwargs: object) -> list[int]:
@@ -250,6 +248,13 @@ def test_shard_write_error_on_a_worker_is_reported_like_a_local_job(own_ray, plu
         (out / SHARDS).write_text('in the way')
         return done
     monkeypatch.setattr(embed_mod, '_prepare_out', block_shards)
+
+
+@pytest.mark.ray
+def test_shard_write_error_on_a_worker_is_reported_like_a_local_job(own_ray, blocked_shards, plugin_vit_dir: Path,
+                                                                   photo_dir: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A shard the worker cannot write (a file where the shards folder goes): the same OSError, exit 2."""
     assert _embed(plugin_vit_dir, photo_dir, tmp_path / 'local.emb') == 2
     local = _error_line(capsys.readouterr().err)
     assert local == f'cnclip embed: error: [Errno 17] File exists: \'{tmp_path / "local.emb" / SHARDS}\''
@@ -258,17 +263,10 @@ def test_shard_write_error_on_a_worker_is_reported_like_a_local_job(own_ray, plu
 
 
 @pytest.mark.ray
-def test_worker_error_keeps_its_type_and_worker_traceback(own_ray, plugin_vit_dir: Path, photo_dir: Path,
-                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_error_keeps_its_type_and_worker_traceback(own_ray, blocked_shards, plugin_vit_dir: Path,
+                                                          photo_dir: Path, tmp_path: Path) -> None:
     """The API raises the worker's exception itself; its note carries the worker's traceback for debugging."""
     from modelscope_cnclip.embed import embed_collection
-    prepare = embed_mod._prepare_out
-
-    def block_shards(out: Path, *args: object, **kwargs: object) -> list[int]:
-        done = prepare(out, *args, **kwargs)
-        (out / SHARDS).write_text('in the way')
-        return done
-    monkeypatch.setattr(embed_mod, '_prepare_out', block_shards)
     with pytest.raises(FileExistsError) as info:
         embed_collection(plugin_vit_dir, photo_dir, tmp_path / 'api.emb', engine='ray')
     notes = getattr(info.value, '__notes__', None)
