@@ -13,6 +13,8 @@ CORE = [
     'transformers>=4.41',
     'tokenizers>=0.15',
     'safetensors>=0.4',
+    # registers the ModelScope classes when ModelScope looks them up, so importing the plugin imports no ModelScope
+    'wrapt>=1.14',
     'numpy>=1.23',
     'pillow>=9.1',
     # ModelScope and what its pipeline/model registries import.

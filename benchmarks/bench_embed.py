@@ -37,10 +37,10 @@ sys.path.insert(0, str(REPO))
 from common import PEAK_RSS_GB, emit, header  # noqa: E402
 
 from modelscope_cnclip import get_config, load  # noqa: E402
+from modelscope_cnclip.checkpoints.layouts import Checkpoint, write_dir  # noqa: E402
 from modelscope_cnclip.config import CLIPConfig  # noqa: E402
 from modelscope_cnclip.inference import encode_images  # noqa: E402
 from modelscope_cnclip.model import CLIP  # noqa: E402
-from modelscope_cnclip.sources import Checkpoint, write_dir  # noqa: E402
 
 logger = logging.getLogger('bench')
 DEVICE = torch.device('cpu')  # set from --device in main()

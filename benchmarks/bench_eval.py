@@ -88,9 +88,9 @@ def make_split(d: Path, n_texts: int, n_images: int, workers: int) -> float:
 def make_model(d: Path) -> Path:
     import torch
 
+    from modelscope_cnclip.checkpoints.layouts import Checkpoint, write_dir
     from modelscope_cnclip.config import CLIPConfig, TextConfig, VisionConfig
     from modelscope_cnclip.model import CLIP
-    from modelscope_cnclip.sources import Checkpoint, write_dir
     cfg = CLIPConfig(embed_dim=32, vision=VisionConfig(image_size=64, layers=1, width=32, patch_size=32,
                                                        head_width=32),
                      text=TextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     sys.path.insert(0, str(REPO))
-    from modelscope_cnclip.evaluation import CHUNK_ELEMENTS
+    from modelscope_cnclip.evaluation.retrieval import CHUNK_ELEMENTS
     with tempfile.TemporaryDirectory(prefix='cnclip-bench-eval-') as tmp:
         work = Path(tmp)
         t = time.perf_counter()

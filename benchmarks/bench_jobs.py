@@ -31,8 +31,8 @@ from bench_embed import SHORT_QUERIES, iter_photos, spread_weights, timed  # noq
 from common import emit, header  # noqa: E402
 
 from modelscope_cnclip import get_config, load  # noqa: E402
-from modelscope_cnclip.embed import embed_collection  # noqa: E402
-from modelscope_cnclip.sources import Checkpoint, write_dir  # noqa: E402
+from modelscope_cnclip.checkpoints.layouts import Checkpoint, write_dir  # noqa: E402
+from modelscope_cnclip.jobs.run import embed_collection  # noqa: E402
 
 logger = logging.getLogger('bench')
 

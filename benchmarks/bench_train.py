@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from modelscope_cnclip import get_config
+    from modelscope_cnclip.checkpoints.layouts import Checkpoint, write_dir
     from modelscope_cnclip.data import make_synthetic_split
     from modelscope_cnclip.model import CLIP
-    from modelscope_cnclip.sources import Checkpoint, write_dir
 
     rows = []
     with tempfile.TemporaryDirectory(prefix='cnclip-train-bench-') as tmp:

@@ -1,34 +1,74 @@
 """Chinese CLIP for ModelScope: every checkpoint layout, official numbers, today's torch and transformers.
 
-``import modelscope_cnclip`` registers the ModelScope model (``cnclip``), preprocessor (``cnclip-preprocessor``),
-pipeline (``cnclip-multi-modal-embedding``) and trainer (``cnclip-trainer``). Without ModelScope, use the plain API::
+``import modelscope_cnclip`` is cheap: it imports neither torch nor ModelScope. The public names below load on first
+use (PEP 562), and the ModelScope classes (model ``cnclip``, preprocessor ``cnclip-preprocessor``, pipeline
+``cnclip-multi-modal-embedding``, trainer ``cnclip-trainer``) are registered the moment ModelScope imports its
+registries (:func:`modelscope_cnclip.ms.install_registration`), whether ModelScope was imported before or after
+this package. Without ModelScope, use the plain API::
 
     import modelscope_cnclip as cnclip
     m = cnclip.load('path/to/any/checkpoint')          # plugin / hub / HF dir, official .pt, hub id
     probs = m.similarity('cat.jpg', ['猫', '狗'])
 
-Collections: ``embed_collection`` (resumable sharded jobs, also on Ray), ``load_embeddings``, ``Index`` /
-``Searcher`` (faiss), ``evaluate_zeroshot`` and ``modelscope_cnclip.evaluation`` for the official scoring.
+Layers, bottom to top: ``config``, ``utils``; ``model``, ``tokenizer``, ``transform``; ``checkpoints`` (layouts and
+conversion); ``inference``; ``data``, ``video``, ``embeddings`` (the on-disk format); ``jobs`` (embedding jobs,
+Ray); ``index``; ``evaluation`` (retrieval, zero-shot); ``train`` (ModelScope-free training pieces); ``ms`` (the
+ModelScope adapters); ``cli``. A module imports only from layers below it.
 """
-import logging
+from __future__ import annotations
 
-from .config import CLIPConfig, available_models, get_config
-from .embed import EmbedReport, embed_collection
-from .embeddings import Embeddings, load_embeddings
-from .index import Hit, Index, Searcher
-from .inference import CNClip, load
-from .model import CLIP
-from .sources import Checkpoint, convert, read_source
-from .tokenizer import Tokenizer, get_tokenizer
-from .transform import image_transform, load_image, set_max_image_pixels
-from .zeroshot import evaluate_zeroshot
+import importlib
+import logging
+from typing import TYPE_CHECKING, Any
 
 __version__ = '0.1.0'
-__all__ = ['available_models', 'get_config', 'load', 'convert', 'read_source', 'get_tokenizer', 'image_transform',
-           'load_image', 'set_max_image_pixels', 'CNClip', 'CLIP', 'CLIPConfig', 'Checkpoint', 'Tokenizer',
-           'embed_collection', 'EmbedReport', 'load_embeddings', 'Embeddings', 'Index', 'Searcher', 'Hit',
-           'evaluate_zeroshot', '__version__']
+
+#: public name -> the module that defines it (imported on first access)
+_EXPORTS = {
+    'available_models': 'config', 'get_config': 'config', 'CLIPConfig': 'config',
+    'CLIP': 'model', 'Tokenizer': 'tokenizer', 'get_tokenizer': 'tokenizer',
+    'image_transform': 'transform', 'load_image': 'transform', 'set_max_image_pixels': 'transform',
+    'Checkpoint': 'checkpoints', 'read_source': 'checkpoints', 'convert': 'checkpoints',
+    'CNClip': 'inference', 'load': 'inference',
+    'Embeddings': 'embeddings', 'load_embeddings': 'embeddings',
+    'EmbedReport': 'jobs', 'embed_collection': 'jobs',
+    'Hit': 'index', 'Index': 'index', 'Searcher': 'index',
+    'evaluate_zeroshot': 'evaluation',
+}
+__all__ = ['available_models', 'get_config', 'CLIPConfig', 'CLIP', 'Tokenizer', 'get_tokenizer', 'image_transform',
+           'load_image', 'set_max_image_pixels', 'Checkpoint', 'read_source', 'convert', 'CNClip', 'load', 'Embeddings',
+           'load_embeddings', 'EmbedReport', 'embed_collection', 'Hit', 'Index', 'Searcher', 'evaluate_zeroshot',
+           '__version__']
+assert set(__all__) == {*_EXPORTS, '__version__'}
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from modelscope_cnclip.checkpoints import Checkpoint, convert, read_source
+    from modelscope_cnclip.config import CLIPConfig, available_models, get_config
+    from modelscope_cnclip.embeddings import Embeddings, load_embeddings
+    from modelscope_cnclip.evaluation import evaluate_zeroshot
+    from modelscope_cnclip.index import Hit, Index, Searcher
+    from modelscope_cnclip.inference import CNClip, load
+    from modelscope_cnclip.jobs import EmbedReport, embed_collection
+    from modelscope_cnclip.model import CLIP
+    from modelscope_cnclip.tokenizer import Tokenizer, get_tokenizer
+    from modelscope_cnclip.transform import image_transform, load_image, set_max_image_pixels
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    value = getattr(importlib.import_module(f'{__name__}.{module}'), name)
+    globals()[name] = value  # later accesses skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-from . import ms, train  # noqa: E402,F401  (registers the ModelScope classes and the trainer)
+from modelscope_cnclip.ms import install_registration  # noqa: E402  (cheap: no ModelScope import)
+
+install_registration()

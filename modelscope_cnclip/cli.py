@@ -14,7 +14,7 @@ logger = logging.getLogger('modelscope_cnclip')
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .config import available_models, get_config
+    from modelscope_cnclip.config import available_models, get_config
     for name in available_models():
         cfg = get_config(name)
         print(f'{name}\tembed_dim={cfg.embed_dim}\timage_size={cfg.vision.image_size}')
@@ -22,7 +22,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .sources import check_fits, read_source
+    from modelscope_cnclip.checkpoints.layouts import check_fits, read_source
     ckpt = read_source(args.source, args.config)
     check_fits(ckpt)  # a --config that does not fit the weights is an error here too, not a report
     n = sum(t.numel() for t in ckpt.state_dict.values())
@@ -33,7 +33,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .sources import convert
+    from modelscope_cnclip.checkpoints.layouts import convert
     dst = convert(args.src, args.dst, to=args.to, config=args.config, overwrite=args.overwrite,
                   max_shard_size=args.max_shard_size)
     print(dst)
@@ -41,7 +41,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_similarity(args: argparse.Namespace) -> int:
-    from .inference import load
+    from modelscope_cnclip.inference import load
     model = load(args.model, device=args.device, precision=args.precision, config=args.config,
                  fast_decode=args.fast_decode)
     probs = model.similarity(args.image, args.texts)[0].tolist()
@@ -55,22 +55,28 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_split
-    from .inference import load
+    from modelscope_cnclip.evaluation.retrieval import evaluate_split
+    from modelscope_cnclip.inference import load
     model = load(args.model, device=args.device, precision=args.precision, config=args.config)
     print(json.dumps(evaluate_split(model, args.data, args.split, args.batch_size, args.predictions_dir)))
     return 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from .evaluation import score_predictions
+    from modelscope_cnclip.evaluation.retrieval import score_predictions
     print(json.dumps({args.direction: score_predictions(args.predictions, args.ground_truth, args.direction)}))
     return 0
 
 
 def _cmd_zeroshot(args: argparse.Namespace) -> int:
-    from .inference import load
-    from .zeroshot import elevater_output, evaluate_zeroshot, read_classnames, templates, templates_for_dataset
+    from modelscope_cnclip.evaluation.zeroshot import (
+        elevater_output,
+        evaluate_zeroshot,
+        read_classnames,
+        templates,
+        templates_for_dataset,
+    )
+    from modelscope_cnclip.inference import load
     classnames = read_classnames(args.labels)
     if args.templates:
         name, prompts = args.templates, templates(args.templates)
@@ -87,8 +93,8 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from .embed import embed_collection
-    from .scale import DEFAULT_SCHEDULE_TIMEOUT
+    from modelscope_cnclip.jobs.ray_engine import DEFAULT_SCHEDULE_TIMEOUT
+    from modelscope_cnclip.jobs.run import embed_collection
     columns = dict(_key_value(c, '--column') for c in args.column)
     # Used by video collections only (also when --modality auto finds videos), validated for every job.
     video = {'num_frames': args.num_frames, 'mode': args.frame_mode, 'sample_fps': args.sample_fps,
@@ -143,7 +149,7 @@ def _key_value(text: str, option: str) -> tuple[str, str]:
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .index import Index
+    from modelscope_cnclip.index import Index
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise FileExistsError(f'{out} already exists; pass --overwrite to replace it, or choose another --out')
@@ -154,7 +160,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_add(args: argparse.Namespace) -> int:
-    from .index import Index
+    from modelscope_cnclip.index import Index
     index = Index.load(args.index)
     added = index.add_embeddings(args.embeddings, skip_existing=args.skip_existing)
     index.save(args.index)
@@ -163,13 +169,13 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_info(args: argparse.Namespace) -> int:
-    from .index import read_meta
+    from modelscope_cnclip.index import read_meta
     print(json.dumps(read_meta(args.index), ensure_ascii=False, indent=2))
     return 0
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .index import Searcher
+    from modelscope_cnclip.index import Searcher
     searcher = Searcher.open(args.index, model=args.model, device=args.device, precision=args.precision)
     hits = searcher.search(args.query, k=args.top_k, kind='text' if args.text else 'image' if args.image else None)
     if args.json:
@@ -185,7 +191,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from modelscope.trainers import build_trainer
 
-    from .train import TRAINER_TYPE
+    from modelscope_cnclip.ms import TRAINER_TYPE
     train = {'dataloader': {'workers_per_gpu': args.workers}}
     if args.max_epochs is not None:
         train['max_epochs'] = args.max_epochs
@@ -382,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format='%(levelname)s %(name)s: %(message)s')
     try:
         if args.max_image_pixels is not None:
-            from .transform import set_max_image_pixels
+            from modelscope_cnclip.transform import set_max_image_pixels
             set_max_image_pixels(args.max_image_pixels)
         return args.func(args)
     except (ValueError, TypeError, ImportError, OSError) as e:

@@ -20,6 +20,8 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).with_name('model_configs')
+#: Data files shipped with the package (vocab, configuration.json, zero-shot templates, class names).
+RESOURCES = Path(__file__).with_name('resources')
 
 # The normalisation constants of CLIP/Chinese-CLIP; the only place they are written down.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -19,16 +19,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from modelscope_cnclip.utils import atomic_write_bytes
+
 __all__ = ['FORMAT', 'Embeddings', 'load_embeddings', 'read_meta', 'write_meta', 'write_shard', 'read_shard',
-           'shard_path', 'existing_shards', 'ids_digest', 'atomic_write_bytes']
+           'shard_path', 'existing_shards', 'ids_digest']
 
 FORMAT = 'cnclip-embeddings'
 VERSION = 1
@@ -73,21 +73,6 @@ def ids_digest(ids: Sequence[str]) -> str:
         h.update(i.encode('utf-8', 'surrogatepass'))
         h.update(b'\0')
     return h.hexdigest()[:16]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_meta(out_dir: str | Path, meta: dict[str, Any]) -> None:

@@ -26,8 +26,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -36,10 +34,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .embeddings import Embeddings, atomic_write_bytes, load_embeddings, read_format_json
+from modelscope_cnclip.embeddings import Embeddings, load_embeddings, read_format_json
+from modelscope_cnclip.utils import atomic_dir, atomic_write_bytes
 
 if TYPE_CHECKING:
-    from .inference import CNClip
+    from modelscope_cnclip.inference import CNClip
 
 __all__ = ['FORMAT', 'KINDS', 'AUTO_EXACT_MAX', 'Hit', 'Index', 'Searcher', 'read_meta', 'query_kind', 'default_nlist',
            'default_nprobe']
@@ -490,20 +489,8 @@ class Index:
         path = Path(path)
         if path.exists() and not (path / META).is_file() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f'{path} exists and is not an index dir; choose another path or remove it')
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             self._write(tmp)
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.old', dir=path.parent))
-                os.replace(path, old)  # a dir renames onto the empty one
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.path = path
         logger.info('saved %s', self)
         return path
@@ -628,7 +615,7 @@ class Searcher:
                 to load must be that same model (same fingerprint), e.g. the same weights moved elsewhere.
             device, precision: for loading the model (see :func:`modelscope_cnclip.load`).
         """
-        from .inference import CNClip, load
+        from modelscope_cnclip.inference import CNClip, load
         index = Index.load(index_path)
         if model is None:
             source = index.model.get('source')

@@ -9,12 +9,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_strict
-from .config import CLIPConfig, match_architecture
-from .model import CLIP
-from .sources import Checkpoint, read_source
-from .tokenizer import Tokenizer, check_texts
-from .transform import ImageInput, ImageTransform, as_image_batch
+from modelscope_cnclip.checkpoints.convert import load_strict
+from modelscope_cnclip.checkpoints.layouts import Checkpoint, read_source
+from modelscope_cnclip.config import CLIPConfig, match_architecture
+from modelscope_cnclip.model import CLIP
+from modelscope_cnclip.tokenizer import Tokenizer, check_texts
+from modelscope_cnclip.transform import ImageInput, ImageTransform, as_image_batch
 
 __all__ = ['PRECISIONS', 'resolve_device', 'resolve_dtype', 'build_model', 'encode_images', 'encode_texts',
            'check_token_ids', 'as_image_batch', 'as_text_batch', 'CNClip', 'load']
@@ -242,7 +242,7 @@ class CNClip:
         """L2-normalised video embeddings ``(N, D)`` of one video (path, URL, bytes) or a list: sampled frames
         embedded as images, mean-pooled, renormalised (needs decord; see :func:`modelscope_cnclip.video.encode_videos`
         for the sampling and for skipping unreadable videos)."""
-        from .video import encode_videos  # decord is an optional extra
+        from modelscope_cnclip.video import encode_videos  # decord is an optional extra
         return encode_videos(self, videos, num_frames, mode, sample_fps, max_frames, batch_size).embeddings
 
     def similarity(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str]) -> torch.Tensor:

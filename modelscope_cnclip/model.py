@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CLIPConfig, TextConfig, VisionConfig
+from modelscope_cnclip.config import CLIPConfig, TextConfig, VisionConfig
 
 __all__ = ['CLIP', 'VisionTransformer', 'ModifiedResNet', 'build_text_model']
 

@@ -17,9 +17,11 @@ from typing import Sequence
 
 import torch
 
+from modelscope_cnclip.config import RESOURCES
+
 __all__ = ['Tokenizer', 'DEFAULT_VOCAB', 'get_tokenizer']
 
-DEFAULT_VOCAB = Path(__file__).with_name('resources') / 'vocab.txt'
+DEFAULT_VOCAB = RESOURCES / 'vocab.txt'
 SPECIAL_TOKENS = {'[PAD]': 0, '[UNK]': 100, '[CLS]': 101, '[SEP]': 102, '[MASK]': 103}
 
 

@@ -18,21 +18,19 @@ from __future__ import annotations
 import io
 import os
 import re
-import urllib.request
 import warnings
-from collections import deque
-from concurrent.futures import Executor, ThreadPoolExecutor
-from itertools import islice
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar, Union
+from typing import Any, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .config import PreprocessConfig
+from modelscope_cnclip.config import PreprocessConfig
+from modelscope_cnclip.utils import default_threads, fetch_url, map_ahead
 
-__all__ = ['ImageInput', 'load_image', 'ImageTransform', 'image_transform', 'map_ahead', 'as_image_batch',
+__all__ = ['ImageInput', 'load_image', 'ImageTransform', 'image_transform', 'as_image_batch',
            'max_image_pixels', 'set_max_image_pixels', 'MAX_PIXELS_ENV']
 
 ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray, np.ndarray, torch.Tensor]
@@ -46,22 +44,6 @@ _TENSOR_IMAGE_DTYPES = (torch.uint8, getattr(torch, 'uint16', torch.uint8))  # t
 MAX_PIXELS_ENV = 'CNCLIP_MAX_IMAGE_PIXELS'
 T = TypeVar('T')
 R = TypeVar('R')
-
-
-def map_ahead(fn: Callable[[T], R], items: Iterable[T], pool: Executor | None, ahead: int) -> Iterator[R]:
-    """``map(fn, items)`` in order, with up to ``ahead`` calls running ahead in ``pool`` (serially without one),
-    so input work (decoding, resizing: PIL and decord release the GIL) overlaps what the caller does with each
-    result. An exception of ``fn`` is raised when its result is reached."""
-    if pool is None:
-        yield from map(fn, items)
-        return
-    it = iter(items)
-    pending = deque(pool.submit(fn, x) for x in islice(it, max(1, ahead)))
-    while pending:
-        fut = pending.popleft()
-        for x in islice(it, 1):
-            pending.append(pool.submit(fn, x))
-        yield fut.result()
 
 
 def _parse_limit(value: str | int | None, where: str) -> int | None:
@@ -234,12 +216,7 @@ def load_image(obj: ImageInput, timeout: float = 30.0, draft: int | None = None)
     if isinstance(obj, np.ndarray):
         return _from_array(obj)
     if isinstance(obj, str) and obj.startswith(('http://', 'https://')):
-        try:
-            with urllib.request.urlopen(obj, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
-                data = resp.read()
-        except OSError as e:
-            raise OSError(f'cannot download image {obj}: {e}') from None
-        return _as_8bit(_open_bytes(data, obj, draft), obj)
+        return _as_8bit(_open_bytes(fetch_url(obj, timeout, 'image'), obj, draft), obj)
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj)
         if not path.is_file():
@@ -359,7 +336,7 @@ class ImageTransform:
         threads (0: one per CPU, at most 8), so decoding overlaps the model's work on the current batch.
         PIL releases the GIL while it decodes and resizes. Errors name the index of the failing input."""
         items = list(images)
-        threads = num_threads or min(8, os.cpu_count() or 1)
+        threads = num_threads or default_threads()
         pool = ThreadPoolExecutor(threads, thread_name_prefix='cnclip-decode') if threads > 1 and len(items) > 1 \
             else None
         try:

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import re
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -43,20 +42,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .transform import ImageTransform, map_ahead
+from modelscope_cnclip.transform import ImageTransform
+from modelscope_cnclip.utils import default_threads, fetch_url, map_ahead
 
 if TYPE_CHECKING:
-    from .inference import CNClip
+    from modelscope_cnclip.inference import CNClip
 
-__all__ = ['VIDEO_EXTENSIONS', 'SAMPLING_MODES', 'VideoInput', 'VideoError', 'VideoFailure', 'EncodedVideos',
+__all__ = ['SAMPLING_MODES', 'VideoInput', 'VideoError', 'VideoFailure', 'EncodedVideos',
            'check_sampling', 'sample_indices', 'read_frames', 'load_videos', 'pool_frames', 'encode_videos',
            'as_video_batch']
 
 logger = logging.getLogger(__name__)
 
 VideoInput = Union[str, os.PathLike, bytes, bytearray, memoryview]
-VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.flv', '.m4v', '.mpg', '.mpeg', '.wmv', '.ts', '.3gp',
-                    '.ogv', '.mts', '.m2ts', '.vob', '.asf')
 SAMPLING_MODES = ('uniform', 'fps')
 DEFAULT_BATCH = 64  # frames per model call
 INSTALL_HINT = 'pip install "modelscope_cnclip[video]"'
@@ -246,11 +244,7 @@ def _video_bytes(source: VideoInput, timeout: float) -> bytes | None:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, str) and source.startswith(('http://', 'https://')):
-        try:
-            with urllib.request.urlopen(source, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
-                return resp.read()
-        except OSError as e:
-            raise OSError(f'cannot download video {source}: {e}') from None
+        return fetch_url(source, timeout, 'video')
     if isinstance(source, (str, os.PathLike)):
         return None
     raise TypeError(f'unsupported video input {type(source).__name__}: {_what(source)}; use {_ACCEPTED}')
@@ -563,7 +557,7 @@ def _indexed(e: Exception, i: int) -> Exception:
 
 
 def _workers(num_workers: int) -> int:
-    return num_workers or min(4, os.cpu_count() or 1)
+    return num_workers or default_threads(4)
 
 
 def _frame_loader(transform: ImageTransform, num_frames: int, mode: str, sample_fps: float,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modelscope_cnclip import convert, load, read_source
-from modelscope_cnclip.checkpoint import (
+from modelscope_cnclip.checkpoints.convert import (
     check_state_dict,
     hf_to_official,
     infer_config,

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import modelscope_cnclip.embed as embed_mod
+import modelscope_cnclip.jobs.run as embed_mod
 from modelscope_cnclip import load
 from modelscope_cnclip.cli import main
-from modelscope_cnclip.collection import open_collection
 from modelscope_cnclip.data import make_synthetic_split, write_lmdb_split
-from modelscope_cnclip.embed import embed_collection
 from modelscope_cnclip.embeddings import existing_shards, load_embeddings, read_shard, shard_path
+from modelscope_cnclip.jobs.collection import open_collection
+from modelscope_cnclip.jobs.run import embed_collection
 
 
 def _photo(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -244,7 +244,7 @@ def test_ray_engine_writes_the_same_embeddings(plugin_vit_dir: Path, photo_dir: 
     local = tmp_path / 'local.emb'
     embed_collection(load(plugin_vit_dir), photo_dir, local, shard_size=3)
     out = tmp_path / 'ray.emb'
-    code = ('import sys, json, ray; from modelscope_cnclip.embed import embed_collection; '
+    code = ('import sys, json, ray; from modelscope_cnclip.jobs.run import embed_collection; '
             'ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False); '
             f'r = embed_collection({str(plugin_vit_dir)!r}, {str(photo_dir)!r}, {str(out)!r}, shard_size=3, '
             'engine="ray", num_workers=2); print(json.dumps(r.to_dict()))')

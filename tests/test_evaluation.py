@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.data import OfficialSplit, TextRecord, make_synthetic_split, write_official_split
-from modelscope_cnclip.evaluation import (
+from modelscope_cnclip.evaluation.retrieval import (
     inbatch_recall,
     retrieval_metrics,
     score_predictions,
@@ -237,7 +237,7 @@ def test_cli_eval_of_an_unlabelled_split_writes_the_submission_files(tmp_path, p
 
 def test_partly_labelled_split_scores_the_labelled_texts(tmp_path, plugin_vit_dir, caplog):
     from modelscope_cnclip import load
-    from modelscope_cnclip.evaluation import evaluate_split
+    from modelscope_cnclip.evaluation.retrieval import evaluate_split
     split = make_synthetic_split(tmp_path, 'valid', 16, seed=7, unique=True)
     labelled = [t for t in split.texts if t.text_id % 2 == 0]
     write_texts(tmp_path / 'only', 'valid', labelled)
@@ -280,7 +280,7 @@ def test_lmdb_form_of_an_unlabelled_split_says_what_to_do(tmp_path, plugin_vit_d
     pytest.importorskip('lmdb')
     from modelscope_cnclip import load
     from modelscope_cnclip.data import write_lmdb_split
-    from modelscope_cnclip.evaluation import evaluate_split
+    from modelscope_cnclip.evaluation.retrieval import evaluate_split
     split = make_synthetic_split(tmp_path, 'test', 12, seed=2)
     write_texts(tmp_path, 'test', [TextRecord(t.text_id, t.text, ()) for t in split.texts])
     write_lmdb_split(OfficialSplit(tmp_path, 'test'), tmp_path / 'lmdb', 'test')  # no pairs: texts are not stored
@@ -292,8 +292,8 @@ def test_lmdb_form_of_an_unlabelled_split_says_what_to_do(tmp_path, plugin_vit_d
 # --- bounded memory: streamed images, rankings in query chunks -------------------------------------------------------
 
 def test_chunked_ranking_equals_unchunked(monkeypatch):
-    from modelscope_cnclip import evaluation
-    from modelscope_cnclip.evaluation import rank_both
+    import modelscope_cnclip.evaluation.retrieval as evaluation
+    from modelscope_cnclip.evaluation.retrieval import rank_both
     g = torch.Generator().manual_seed(2)
     img = F.normalize(torch.randn(40, 16, generator=g), dim=-1)
     txt = F.normalize(img[torch.arange(33) % 40] + torch.randn(33, 16, generator=g), dim=-1)
@@ -313,7 +313,7 @@ def test_chunked_ranking_equals_unchunked(monkeypatch):
 
 
 def test_chunked_ranking_keeps_the_official_tie_order():
-    from modelscope_cnclip.evaluation import rank_both
+    from modelscope_cnclip.evaluation.retrieval import rank_both
     g = torch.Generator().manual_seed(3)
     # small integers: every product is exact, so equal scores are equal whatever the chunk
     img, txt = torch.randint(0, 3, (30, 4), generator=g).float(), torch.randint(0, 3, (25, 4), generator=g).float()
@@ -328,7 +328,7 @@ def test_chunked_ranking_keeps_the_official_tie_order():
 
 def test_evaluate_split_streams_images_and_chunks_give_the_same_files(tmp_path, plugin_vit_dir, monkeypatch):
     from modelscope_cnclip import load
-    from modelscope_cnclip.evaluation import evaluate_split
+    from modelscope_cnclip.evaluation.retrieval import evaluate_split
     make_synthetic_split(tmp_path, 'valid', 20, seed=7)
     model = load(plugin_vit_dir)
     full = evaluate_split(model, tmp_path, 'valid', batch_size=4, predictions_dir=tmp_path / 'a')
@@ -346,7 +346,7 @@ def test_evaluate_split_streams_images_and_chunks_give_the_same_files(tmp_path, 
 
 def test_unreadable_image_in_a_split_is_named(tmp_path, plugin_vit_dir):
     from modelscope_cnclip import load
-    from modelscope_cnclip.evaluation import evaluate_split
+    from modelscope_cnclip.evaluation.retrieval import evaluate_split
     split = make_synthetic_split(tmp_path, 'valid', 6, seed=1)
     images = {i: split.image_bytes(i) for i in split.image_ids}
     write_official_split(tmp_path, 'valid', {**images, 1003: b'not a jpeg'}, split.texts)

@@ -6,8 +6,8 @@ import torch
 from transformers import AutoTokenizer, ChineseCLIPConfig, ChineseCLIPModel
 
 from modelscope_cnclip import convert, load, read_source
+from modelscope_cnclip.checkpoints.hf import config_to_hf
 from modelscope_cnclip.cli import main
-from modelscope_cnclip.hf import config_to_hf
 
 from conftest import TINY_VIT
 
@@ -57,7 +57,7 @@ def test_to_hf_dir_loads_in_transformers(tmp_path, hub_vit_dir, images):
 
 
 def test_hf_config_must_be_chinese_clip_shaped(tmp_path):
-    from modelscope_cnclip.hf import config_from_hf
+    from modelscope_cnclip.checkpoints.hf import config_from_hf
     bad = config_to_hf(TINY_VIT)
     bad['vision_config']['intermediate_size'] = 100
     with pytest.raises(ValueError, match='intermediate_size = 4 x hidden_size'):

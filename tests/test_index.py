@@ -333,7 +333,7 @@ def test_cli_build_add_info_search(tmp_path: Path, photo_index: tuple[Path, Path
 
 def test_embed_job_then_index_then_search(tmp_path: Path, plugin_vit_dir: Path, images: list, capsys) -> None:
     """The whole path a user takes: `cnclip embed` a folder, `cnclip index build`, `cnclip search` by image."""
-    from modelscope_cnclip.embed import embed_collection
+    from modelscope_cnclip.jobs.run import embed_collection
     folder = tmp_path / 'photos'
     for rel, im in zip(['x.png', 'deep/y.png', 'deep/z.png'], images):
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,7 @@ def test_16bit_images_in_zeroshot_and_the_pipeline(plugin_vit_dir, model, photo,
         (tmp_path / 'imgs' / cls).mkdir(parents=True)
     Image.fromarray(gray8).save(tmp_path / 'imgs' / 'a' / 'l8.png')
     Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / 'imgs' / 'b' / 'i16.png')
-    from modelscope_cnclip.zeroshot import evaluate_zeroshot
+    from modelscope_cnclip.evaluation.zeroshot import evaluate_zeroshot
     res = evaluate_zeroshot(model, tmp_path / 'imgs', ['甲', '乙'], ['{}'])
     assert torch.equal(res['logits'][0], res['logits'][1])  # the same picture, 8 or 16 bits
     p = pipeline(Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu')

@@ -17,7 +17,7 @@ from modelscope.utils.constant import Tasks
 
 import modelscope_cnclip  # noqa: F401  (registers the plugin)
 from modelscope_cnclip import convert, load, read_source
-from modelscope_cnclip.checkpoint import (
+from modelscope_cnclip.checkpoints.convert import (
     GUESSED_FIELDS,
     find_prefix,
     guess_config,
@@ -26,11 +26,11 @@ from modelscope_cnclip.checkpoint import (
     shard_plan,
     to_official,
 )
+from modelscope_cnclip.checkpoints.layouts import Checkpoint, write_dir
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.config import CLIPConfig, TextConfig, VisionConfig, available_models, get_config
 from modelscope_cnclip.data import make_synthetic_split
 from modelscope_cnclip.model import CLIP
-from modelscope_cnclip.sources import Checkpoint, write_dir
 
 from conftest import TINY_RN, TINY_VIT, random_state_dict, write_hub_dir, write_official_pt
 
@@ -236,7 +236,7 @@ def test_custom_size_warning_reaches_the_terminal_from_the_cli(tmp_path, vit_sd)
     res = subprocess.run([sys.executable, '-m', 'modelscope_cnclip', 'convert', str(pt), str(tmp_path / 'out')],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert 'WARNING modelscope_cnclip.checkpoint: weights match no shipped architecture; assuming 64-wide ' \
+    assert 'WARNING modelscope_cnclip.checkpoints.convert: weights match no shipped architecture; assuming 64-wide ' \
            'attention heads' in res.stderr
     assert '--config my_arch.json' in res.stderr
 

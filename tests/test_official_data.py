@@ -11,9 +11,9 @@ import pytest
 from test_evaluation import SCORING, official_result
 
 from modelscope_cnclip.cli import main
-from modelscope_cnclip.collection import open_collection
 from modelscope_cnclip.data import OfficialSplit, make_synthetic_split, parse_id, read_jsonl
-from modelscope_cnclip.evaluation import score_predictions
+from modelscope_cnclip.evaluation.retrieval import score_predictions
+from modelscope_cnclip.jobs.collection import open_collection
 from modelscope_cnclip.train import read_pairs
 
 BOM = '\ufeff'

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import modelscope_cnclip.embed as embed_mod
-from modelscope_cnclip import scale
+import modelscope_cnclip.jobs.ray_engine as scale
+import modelscope_cnclip.jobs.run as embed_mod
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.embeddings import SHARDS
-from modelscope_cnclip.scale import WorkerRequest, unschedulable, worker_request
+from modelscope_cnclip.jobs.ray_engine import WorkerRequest, unschedulable, worker_request
 
 TEST_LIMIT_S = 180
 
@@ -121,7 +121,7 @@ def test_bad_options_are_refused_before_ray_starts(plugin_vit_dir: Path, photo_d
     assert stop.value.code == 2
     with pytest.raises(SystemExit):
         _embed(plugin_vit_dir, photo_dir, tmp_path / 'b.emb', '--engine', 'ray', '--schedule-timeout', '-1')
-    from modelscope_cnclip.embed import embed_collection
+    from modelscope_cnclip.jobs.run import embed_collection
     with pytest.raises(ValueError, match='num_frames'):
         embed_collection(plugin_vit_dir, photo_dir, tmp_path / 'c.emb', engine='ray', num_frames=0)
     assert ray.is_initialized() == running
@@ -266,7 +266,7 @@ def test_shard_write_error_on_a_worker_is_reported_like_a_local_job(own_ray, blo
 def test_worker_error_keeps_its_type_and_worker_traceback(own_ray, blocked_shards, plugin_vit_dir: Path,
                                                           photo_dir: Path, tmp_path: Path) -> None:
     """The API raises the worker's exception itself; its note carries the worker's traceback for debugging."""
-    from modelscope_cnclip.embed import embed_collection
+    from modelscope_cnclip.jobs.run import embed_collection
     with pytest.raises(FileExistsError) as info:
         embed_collection(plugin_vit_dir, photo_dir, tmp_path / 'api.emb', engine='ray')
     notes = getattr(info.value, '__notes__', None)

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modelscope_cnclip.checkpoint import clean_official
+from modelscope_cnclip.checkpoints.convert import clean_official
+from modelscope_cnclip.checkpoints.layouts import Checkpoint
 from modelscope_cnclip.config import config_from_hub
 from modelscope_cnclip.inference import CNClip, encode_images
 from modelscope_cnclip.model import CLIP
-from modelscope_cnclip.sources import Checkpoint
 from modelscope_cnclip.transform import load_image
 
 from conftest import DATA, TINY_RN, TINY_VIT, random_state_dict

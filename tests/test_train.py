@@ -14,9 +14,9 @@ from modelscope.utils.constant import Tasks
 from PIL import Image
 
 import modelscope_cnclip  # noqa: F401
+from modelscope_cnclip.checkpoints.layouts import Checkpoint, read_source, write_dir
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.data import make_synthetic_split
-from modelscope_cnclip.sources import Checkpoint, read_source, write_dir
 from modelscope_cnclip.train import build_optimizer, contrastive_loss, warmup_cosine
 
 from conftest import TINY_VIT, random_state_dict
@@ -300,7 +300,7 @@ def test_msdataset_with_muge_columns(setup, tmp_path):
 def test_bf16_mode_keeps_retrieval_metrics_of_a_trained_model(trained, setup):
     """Issue 3's fast-mode criterion on a model that has learned something: R@1/5/10 within 0.5 points of exact."""
     from modelscope_cnclip import load
-    from modelscope_cnclip.evaluation import evaluate_split
+    from modelscope_cnclip.evaluation.retrieval import evaluate_split
     out = setup / 'work' / 'output'
     # every scene once: duplicated captions would be exact ties that any rounding may reorder
     make_synthetic_split(setup / 'unique', 'test', 36, seed=5, unique=True)
@@ -373,7 +373,7 @@ def test_trainer_evaluation_scores_a_text_against_all_its_images(setup, tmp_path
     with torch.no_grad():
         img = F.normalize(model.clip.encode_image(pixels), dim=-1)
         txt = F.normalize(model.clip.encode_text(model.tokenizer(['两张图', '第三张', '第四张'])['input_ids']), dim=-1)
-    from modelscope_cnclip.evaluation import retrieval_metrics
+    from modelscope_cnclip.evaluation.retrieval import retrieval_metrics
     want = retrieval_metrics(img, [1, 2, 3, 4], txt, [[1, 2], [3], [4]])
     assert metrics['t2i_recall_at_1'] == pytest.approx(want['t2i']['r1'], abs=1e-3)
     assert metrics['i2t_recall_at_1'] == pytest.approx(want['i2t']['r1'], abs=1e-3)

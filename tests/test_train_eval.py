@@ -6,9 +6,9 @@ from modelscope.trainers import build_trainer
 
 import modelscope_cnclip  # noqa: F401  (registers the trainer)
 from modelscope_cnclip import load
+from modelscope_cnclip.checkpoints.layouts import Checkpoint, write_dir
 from modelscope_cnclip.data import make_synthetic_split, write_official_split
-from modelscope_cnclip.evaluation import evaluate_split
-from modelscope_cnclip.sources import Checkpoint, write_dir
+from modelscope_cnclip.evaluation.retrieval import evaluate_split
 
 from conftest import TINY_VIT, random_state_dict
 

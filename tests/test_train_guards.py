@@ -16,11 +16,11 @@ from modelscope.trainers import build_trainer
 from PIL import Image
 
 import modelscope_cnclip  # noqa: F401  (registers the trainer)
+from modelscope_cnclip.checkpoints.layouts import Checkpoint, default_configuration, read_source, write_dir
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.data import make_synthetic_split, open_split, write_lmdb_split
-from modelscope_cnclip.sources import Checkpoint, default_configuration, read_source, write_dir
+from modelscope_cnclip.ms.trainer import merge_config
 from modelscope_cnclip.train import read_pairs, steps_per_epoch
-from modelscope_cnclip.train.trainer import merge_config
 
 from conftest import TINY_VIT, random_state_dict
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import modelscope_cnclip
+from modelscope_cnclip.jobs.collection import VIDEO_EXTENSIONS
 from modelscope_cnclip.video import (
-    VIDEO_EXTENSIONS,
     EncodedVideos,
     VideoError,
     VideoFailure,

@@ -14,7 +14,7 @@ from PIL import Image
 from modelscope_cnclip import load
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.data import COLORS, _draw
-from modelscope_cnclip.zeroshot import (
+from modelscope_cnclip.evaluation.zeroshot import (
     ImageFolder,
     classify,
     elevater_output,

@@ -10,14 +10,12 @@ from modelscope.models.builder import MODELS
 from modelscope.outputs import OutputKeys
 from modelscope.utils.constant import Tasks
 
-from ..config import CLIPConfig
-from ..inference import CNClip
-from ..sources import LAYOUTS, Checkpoint, default_configuration, read_source, write_dir
-from ..video import pool_frames
+from modelscope_cnclip.checkpoints.layouts import LAYOUTS, Checkpoint, default_configuration, read_source, write_dir
+from modelscope_cnclip.config import CLIPConfig
+from modelscope_cnclip.inference import CNClip
+from modelscope_cnclip.ms import MODEL_TYPE, PIPELINE_TYPE, PREPROCESSOR_TYPE
+from modelscope_cnclip.video import pool_frames
 
-MODEL_TYPE = 'cnclip'
-PIPELINE_TYPE = 'cnclip-multi-modal-embedding'
-PREPROCESSOR_TYPE = 'cnclip-preprocessor'
 RAW_KEYS = ('img', 'text', 'video')
 # Preprocessed videos: the frames of all videos in order, (sum F_i, 3, R, R), and F_i per video, (V,).
 VIDEO_KEYS = ('video_pixel_values', 'video_frame_counts')

@@ -15,9 +15,11 @@ from modelscope.pipelines.base import Pipeline
 from modelscope.pipelines.builder import PIPELINES
 from modelscope.utils.constant import Frameworks, Tasks
 
-from ..sources import PLUGIN_CONFIG, RESOURCES
-from .model import PIPELINE_TYPE, RAW_KEYS, CNClipForMultiModalEmbedding, check_input_keys
-from .preprocessor import VIDEO_PARAMS, CNClipPreprocessor
+from modelscope_cnclip.checkpoints.layouts import PLUGIN_CONFIG
+from modelscope_cnclip.config import RESOURCES
+from modelscope_cnclip.ms import PIPELINE_TYPE
+from modelscope_cnclip.ms.model import RAW_KEYS, CNClipForMultiModalEmbedding, check_input_keys
+from modelscope_cnclip.ms.preprocessor import VIDEO_PARAMS, CNClipPreprocessor
 
 
 @PIPELINES.register_module(Tasks.multi_modal_embedding, module_name=PIPELINE_TYPE)

@@ -10,13 +10,14 @@ from modelscope.preprocessors.base import Preprocessor
 from modelscope.preprocessors.builder import PREPROCESSORS
 from modelscope.utils.constant import Fields, ModeKeys
 
-from ..config import PreprocessConfig
-from ..inference import as_image_batch, as_text_batch
-from ..sources import read_config
-from ..tokenizer import Tokenizer
-from ..transform import ImageTransform
-from ..video import as_video_batch, check_sampling, load_videos
-from .model import PREPROCESSOR_TYPE, VIDEO_KEYS, check_input_keys
+from modelscope_cnclip.checkpoints.layouts import read_config
+from modelscope_cnclip.config import PreprocessConfig
+from modelscope_cnclip.inference import as_image_batch, as_text_batch
+from modelscope_cnclip.ms import PREPROCESSOR_TYPE
+from modelscope_cnclip.ms.model import VIDEO_KEYS, check_input_keys
+from modelscope_cnclip.tokenizer import Tokenizer
+from modelscope_cnclip.transform import ImageTransform
+from modelscope_cnclip.video import as_video_batch, check_sampling, load_videos
 
 # Frame-sampling arguments: a preprocessor's defaults, overridable per call (``pipe(input, num_frames=16)``).
 VIDEO_PARAMS = ('num_frames', 'video_mode', 'sample_fps', 'max_frames')

@@ -1,7 +1,9 @@
-"""Finetuning: the ModelScope trainer ``cnclip-trainer`` and the pieces it is made of."""
-from .dataset import PairDataset, collate_pairs, read_pairs
-from .loss import contrastive_loss, gather_features
-from .trainer import TRAINER_TYPE, CNClipTrainer, build_optimizer, steps_per_epoch, warmup_cosine
+"""ModelScope-free training pieces: pair datasets from every data source, the contrastive loss, the optimizer and
+its schedule. The ModelScope trainer ``cnclip-trainer`` that drives them lives in :mod:`modelscope_cnclip.ms.trainer`.
+"""
+from modelscope_cnclip.train.dataset import EpochShuffleSampler, PairDataset, SplitImage, collate_pairs, read_pairs
+from modelscope_cnclip.train.loss import contrastive_loss, gather_features
+from modelscope_cnclip.train.schedule import build_optimizer, steps_per_epoch, warmup_cosine
 
-__all__ = ['CNClipTrainer', 'TRAINER_TYPE', 'PairDataset', 'collate_pairs', 'read_pairs', 'contrastive_loss',
+__all__ = ['PairDataset', 'SplitImage', 'EpochShuffleSampler', 'collate_pairs', 'read_pairs', 'contrastive_loss',
            'gather_features', 'build_optimizer', 'warmup_cosine', 'steps_per_epoch']

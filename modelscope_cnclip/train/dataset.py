@@ -9,9 +9,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data import LmdbSplit, OfficialSplit, read_jsonl
-from ..tokenizer import Tokenizer
-from ..transform import ImageTransform
+from modelscope_cnclip.data import LmdbSplit, OfficialSplit, read_jsonl
+from modelscope_cnclip.tokenizer import Tokenizer
+from modelscope_cnclip.transform import ImageTransform
 
 __all__ = ['PairDataset', 'SplitImage', 'collate_pairs', 'read_pairs', 'EpochShuffleSampler']
 

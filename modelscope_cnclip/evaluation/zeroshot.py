@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .transform import load_image
+from modelscope_cnclip.config import RESOURCES
+from modelscope_cnclip.transform import load_image
+from modelscope_cnclip.utils import default_threads
 
 __all__ = ['IMG_EXTENSIONS', 'template_sets', 'templates', 'templates_for_dataset', 'read_classnames',
            'preprocess_text', 'ImageFolder', 'zeroshot_classifier', 'classify', 'evaluate_zeroshot',
@@ -28,7 +30,6 @@ __all__ = ['IMG_EXTENSIONS', 'template_sets', 'templates', 'templates_for_datase
 
 logger = logging.getLogger(__name__)
 
-RESOURCES = Path(__file__).with_name('resources')
 #: torchvision.datasets.folder.IMG_EXTENSIONS (matched case-insensitively, as torchvision does).
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 #: The official classifier scales cosine similarities by a fixed 100, not by the model's logit scale.
@@ -189,7 +190,7 @@ def zeroshot_classifier(model: Any, classnames: Sequence[str], templates: Sequen
     """
     if isinstance(templates, str):
         raise TypeError(f'templates={templates!r}: pass a list of templates with {{}}, e.g. '
-                        f'modelscope_cnclip.zeroshot.templates({templates!r})')
+                        f'modelscope_cnclip.evaluation.zeroshot.templates({templates!r})')
     if not classnames or not templates:
         raise ValueError(f'zero-shot classifier needs class names and templates, got {len(classnames)} names and '
                          f'{len(templates)} templates')
@@ -255,7 +256,7 @@ def evaluate_zeroshot(model: Any, images_dir: str | os.PathLike, classnames: Seq
                          f'({shown}): give one name a line, in the order of the sorted folder names')
     classifier = zeroshot_classifier(model, classnames, templates, batch_size)
     probs, targets, paths, skipped = [], [], [], []
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix='cnclip-zeroshot') as pool:
+    with ThreadPoolExecutor(default_threads(), thread_name_prefix='cnclip-zeroshot') as pool:
         for start in range(0, len(folder), batch_size):
             chunk = folder.samples[start:start + batch_size]
             loaded = _load_batch([p for p, _ in chunk], pool)
@@ -302,7 +303,7 @@ def elevater_output(model: Any, dataset: str, logits: torch.Tensor, save_dir: st
     Returns:
         The JSON text, floats rounded to 6 digits (the official ``json_prec_dump``).
     """
-    from .config import match_architecture
+    from modelscope_cnclip.config import match_architecture
     net = model.model
     if index is not None:
         logits = logits[torch.as_tensor(list(index), dtype=torch.long)]

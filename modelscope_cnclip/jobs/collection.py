@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .data import open_split, parse_id, read_jsonl
-from .video import VIDEO_EXTENSIONS
+from modelscope_cnclip.data import open_split, parse_id, read_jsonl
 
 __all__ = ['Item', 'Collection', 'open_collection', 'IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS', 'MODALITIES']
 
+VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.flv', '.m4v', '.mpg', '.mpeg', '.wmv', '.ts', '.3gp',
+                    '.ogv', '.mts', '.m2ts', '.vob', '.asf')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm', '.pbm',
                     '.jfif')
 MODALITIES = ('image', 'text', 'video')

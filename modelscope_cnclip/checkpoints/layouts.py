@@ -19,15 +19,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from .checkpoint import (
+from modelscope_cnclip.checkpoints.convert import (
     INDEX_SUFFIX,
     SHARD_RE,
     StateDict,
@@ -39,16 +37,23 @@ from .checkpoint import (
     save_weights,
     to_official,
 )
-from .config import CLIPConfig, config_from_hub, config_to_hub, get_config, match_architecture
-from .model import CLIP
-from .tokenizer import DEFAULT_VOCAB
+from modelscope_cnclip.config import (
+    RESOURCES,
+    CLIPConfig,
+    config_from_hub,
+    config_to_hub,
+    get_config,
+    match_architecture,
+)
+from modelscope_cnclip.model import CLIP
+from modelscope_cnclip.tokenizer import DEFAULT_VOCAB
+from modelscope_cnclip.utils import atomic_dir
 
 __all__ = ['Checkpoint', 'read_source', 'read_config', 'write_dir', 'convert', 'check_fits', 'default_configuration',
            'LAYOUTS']
 
 logger = logging.getLogger(__name__)
 
-RESOURCES = Path(__file__).with_name('resources')
 PLUGIN_CONFIG = 'cnclip_config.json'
 PLUGIN_WEIGHTS = 'model.safetensors'
 HUB_FILES = ('vision_model_config.json', 'text_model_config.json')
@@ -67,7 +72,7 @@ class Checkpoint:
     layout: str = 'official'
     source: str = ''
     #: config fields read neither from the source nor from a shipped architecture, but assumed (see
-    #: :func:`modelscope_cnclip.checkpoint.guess_config`); a plugin dir written from it keeps the list.
+    #: :func:`modelscope_cnclip.checkpoints.convert.guess_config`); a plugin dir written from it keeps the list.
     guessed: tuple[str, ...] = ()
 
     @property
@@ -131,7 +136,7 @@ def _dir_layout(d: Path) -> str:
 
 
 def _hf_config(d: Path) -> CLIPConfig:
-    from .hf import config_from_hf
+    from modelscope_cnclip.checkpoints.hf import config_from_hf
     return config_from_hf(_read_json(d / 'config.json'))
 
 
@@ -233,21 +238,9 @@ def read_source(source: str | os.PathLike, config: CLIPConfig | str | os.PathLik
 
 # --- writers -------------------------------------------------------------------------------------------------------
 
-@contextmanager
-def _atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
-    """Write into a temporary sibling, then move it into place: a half-written dir never looks complete."""
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
+def _check_writable(dst: Path, overwrite: bool) -> None:
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise FileExistsError(f'{dst} exists and is not empty; choose a new directory or pass overwrite=True')
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{dst.name}.', dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -300,7 +293,7 @@ def _write_hub(ckpt: Checkpoint, d: Path) -> None:
 
 
 def _write_hf(ckpt: Checkpoint, d: Path, max_shard_size: int | str | None = None) -> None:
-    from .hf import write_hf_files
+    from modelscope_cnclip.checkpoints.hf import write_hf_files
     write_hf_files(official_to_hf(_contiguous(ckpt.state_dict)), ckpt.config, ckpt.vocab_file, d, max_shard_size)
 
 
@@ -315,7 +308,8 @@ def write_dir(ckpt: Checkpoint, dst: str | os.PathLike, to: str = 'plugin', over
         raise ValueError(f'unknown target layout {to!r}; choose one of {list(LAYOUTS)}')
     _check_shardable(to, max_shard_size)
     dst = Path(dst)
-    with _atomic_dir(dst, overwrite) as tmp:
+    _check_writable(dst, overwrite)
+    with atomic_dir(dst) as tmp:
         if to == 'plugin':
             _write_plugin(ckpt, tmp, configuration, max_shard_size)
         elif to == 'hub':

@@ -30,9 +30,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .collection import Collection
-from .inference import CNClip
-from .transform import max_image_pixels
+from modelscope_cnclip.inference import CNClip
+from modelscope_cnclip.jobs.collection import Collection
+from modelscope_cnclip.jobs.shards import embed_shard
+from modelscope_cnclip.transform import max_image_pixels
 
 __all__ = ['run_ray', 'ShardWorker', 'WorkerRequest', 'unschedulable', 'DEFAULT_SCHEDULE_TIMEOUT']
 
@@ -79,7 +80,6 @@ class ShardWorker:
         """Embed and write ``shards``; returns their (embedded, failed) counts."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from .embed import embed_shard
         done, failed = [], []
         with ThreadPoolExecutor(self.threads, thread_name_prefix='cnclip-ray') as pool:
             for k in shards:
@@ -93,8 +93,8 @@ class ShardWorker:
 def _load_on_worker(source: str, fingerprint: str, device: str, precision: str, fast_decode: bool,
                     max_pixels: int | None) -> CNClip:
     """Load the driver's model on a worker and check it is the same one."""
-    from .inference import load
-    from .transform import set_max_image_pixels
+    from modelscope_cnclip.inference import load
+    from modelscope_cnclip.transform import set_max_image_pixels
     set_max_image_pixels(max_pixels)  # the driver's limit, also on nodes that did not inherit its env
     if device == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'gpus_per_worker > 0, but the Ray worker on {socket.gethostname()} sees no CUDA device '

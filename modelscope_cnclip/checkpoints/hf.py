@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import CLIPConfig, TextConfig, VisionConfig
+from modelscope_cnclip.config import CLIPConfig, TextConfig, VisionConfig
 
 __all__ = ['config_from_hf', 'config_to_hf', 'write_hf_files']
 
@@ -63,7 +63,7 @@ def write_hf_files(hf_sd: Mapping[str, torch.Tensor], cfg: CLIPConfig, vocab_fil
     """
     from transformers import BertTokenizer, ChineseCLIPConfig
 
-    from .checkpoint import save_weights
+    from modelscope_cnclip.checkpoints.convert import save_weights
 
     ChineseCLIPConfig(**config_to_hf(cfg)).save_pretrained(str(d))
     save_weights(hf_sd, d, max_shard_size)

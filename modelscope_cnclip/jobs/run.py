@@ -18,33 +18,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Mapping
 
-import numpy as np
-import torch
-
-from .collection import Collection, Item, open_collection
-from .embeddings import (
+from modelscope_cnclip.embeddings import (
     ERRORS,
     META,
     SHARDS,
-    atomic_write_bytes,
     existing_shards,
     ids_digest,
     iter_shards,
     read_meta,
     write_meta,
-    write_shard,
 )
-from .inference import CNClip, load
-from .scale import DEFAULT_SCHEDULE_TIMEOUT
-from .transform import map_ahead
+from modelscope_cnclip.inference import CNClip, load
+from modelscope_cnclip.jobs import ray_engine
+from modelscope_cnclip.jobs.collection import Collection, open_collection
+from modelscope_cnclip.jobs.ray_engine import DEFAULT_SCHEDULE_TIMEOUT
+from modelscope_cnclip.jobs.shards import embed_shard, shard_items
+from modelscope_cnclip.utils import atomic_write_bytes, default_threads
 
-__all__ = ['EmbedReport', 'embed_collection', 'embed_items', 'auto_batch_size', 'video_sampling']
+__all__ = ['EmbedReport', 'embed_collection', 'auto_batch_size', 'video_sampling']
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar('T')
 DEFAULT_SHARD_SIZE = 1024
 ENGINES = ('local', 'ray')
 
@@ -73,97 +69,6 @@ def auto_batch_size(model: CNClip, modality: str) -> int:
     if model.device.type == 'cuda':
         return 512 if modality == 'text' else 256
     return 64 if modality == 'text' else 16
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or 'out of memory' in str(e)
-
-
-def _with_backoff(fn: Callable[[Any, int], T], batch: Any, batch_size: list[int]) -> T:
-    """``fn(batch, size)``, halving ``batch_size[0]`` (shared across calls) on CUDA out-of-memory errors."""
-    while True:
-        try:
-            return fn(batch, batch_size[0])
-        except RuntimeError as e:
-            if not _is_oom(e) or batch_size[0] <= 1:
-                raise
-            torch.cuda.empty_cache()
-            batch_size[0] //= 2
-            logger.warning('CUDA out of memory: batch size lowered to %d', batch_size[0])
-
-
-def _failure(item: Item, error: BaseException | str) -> dict[str, str]:
-    reason = error if isinstance(error, str) else f'{type(error).__name__}: {error}'
-    return {'id': item.id, 'source': item.source, 'error': reason}
-
-
-def _decoded(model: CNClip, coll: Collection, items: Sequence[Item], pool: ThreadPoolExecutor | None,
-             ahead: int) -> Iterator[tuple[Item, Any]]:
-    """Yield ``(item, uint8 array | exception)`` in order, decoding up to ``ahead`` items ahead in ``pool``."""
-    def load(item: Item) -> tuple[Item, Any]:
-        try:
-            return item, model.transform.load(coll.read(item))
-        except Exception as e:  # any decoder failure is a per-input error, reported with its id
-            return item, e
-    return map_ahead(load, items, pool, ahead)
-
-
-def embed_items(model: CNClip, coll: Collection, items: Sequence[Item], batch_size: int | list[int],
-                pool: ThreadPoolExecutor | None = None, progress: Callable[[int], None] | None = None,
-                **video_options: Any) -> tuple[list[Item], np.ndarray, list[dict[str, str]]]:
-    """Embed ``items`` of ``coll`` -> ``(embedded items, (n, D) float32 vectors, failures)``.
-
-    ``batch_size`` may be a one-element list, shared between calls, that CUDA out-of-memory errors halve.
-    """
-    size = batch_size if isinstance(batch_size, list) else [batch_size]
-    if size[0] < 1:
-        raise ValueError(f'batch_size={size[0]}: must be >= 1')
-    step = progress or (lambda n: None)
-    done: list[Item] = []
-    failed: list[dict[str, str]] = []
-    outs: list[torch.Tensor] = []
-    if coll.modality == 'text':
-        texts = [coll.read(i) for i in items]
-        outs.append(_with_backoff(lambda b, s: model.encode_text(b, batch_size=s).cpu(), texts, size))
-        done = list(items)
-        step(len(items))
-    elif coll.modality == 'video':
-        from .video import encode_videos
-        vectors, errors = _with_backoff(
-            lambda b, s: encode_videos(model, b, batch_size=s, skip_errors=True, **video_options),
-            [coll.read(i) for i in items], size)
-        bad = {index: reason for index, _, reason in errors}
-        done = [i for n, i in enumerate(items) if n not in bad]
-        failed = [_failure(items[n], reason) for n, reason in sorted(bad.items())]
-        outs.append(vectors.cpu())
-        step(len(items))
-    else:
-        arrays: list[np.ndarray] = []
-        batch_items: list[Item] = []
-
-        def flush() -> None:
-            pixels = model.transform.normalize(torch.from_numpy(np.stack(arrays)))
-            outs.append(_with_backoff(lambda b, s: model.encode_image(b, batch_size=s).cpu(), pixels, size))
-            done.extend(batch_items)
-            step(len(batch_items))
-            arrays.clear()
-            batch_items.clear()
-
-        for item, result in _decoded(model, coll, items, pool, ahead=3 * size[0]):
-            if isinstance(result, BaseException):
-                failed.append(_failure(item, result))
-                logger.warning('cannot read %s (%s): %s', item.id, item.source, failed[-1]['error'])
-                step(1)
-                continue
-            arrays.append(result)
-            batch_items.append(item)
-            if len(arrays) >= size[0]:
-                flush()
-        if arrays:
-            flush()
-    dim = model.config.embed_dim
-    vectors = torch.cat(outs).float().numpy() if outs else np.zeros((0, dim), np.float32)
-    return done, vectors.reshape(-1, dim), failed
 
 
 # --- the job ------------------------------------------------------------------------------------------------------
@@ -201,7 +106,7 @@ def video_sampling(options: Mapping[str, Any]) -> dict[str, Any]:
     """
     import inspect
 
-    from .video import check_sampling, encode_videos
+    from modelscope_cnclip.video import check_sampling, encode_videos
     unknown = sorted(set(options) - set(VIDEO_OPTIONS))
     if unknown:
         raise ValueError(f'unknown video option(s) {unknown}; video jobs take {list(VIDEO_OPTIONS)}')
@@ -294,7 +199,7 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
     Args:
         model: a loaded :class:`CNClip` or anything :func:`modelscope_cnclip.load` takes (loaded with ``device``,
             ``precision``, ``fast_decode``).
-        source: anything :func:`~modelscope_cnclip.collection.open_collection` opens (with ``modality``,
+        source: anything :func:`~modelscope_cnclip.jobs.collection.open_collection` opens (with ``modality``,
             ``split``, ``columns``, ``root``), or an opened :class:`Collection`.
         batch_size: inputs per forward pass (default: :func:`auto_batch_size`).
         shard_size: inputs per output shard (the unit of resumption and of Ray tasks).
@@ -338,9 +243,8 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
                     len(todo))
     size = batch_size or auto_batch_size(model, coll.modality)
     if todo and engine == 'ray':
-        from .scale import run_ray
-        run_ray(model, coll, out, todo, shard_size, size, num_threads, ray_address, num_workers, gpus_per_worker,
-                video_options, schedule_timeout=schedule_timeout)
+        ray_engine.run_ray(model, coll, out, todo, shard_size, size, num_threads, ray_address, num_workers,
+                           gpus_per_worker, video_options, schedule_timeout=schedule_timeout)
     elif todo:
         _run_local(model, coll, out, todo, shard_size, size, num_threads, progress, video_options)
     embedded, failed = _finish(out, meta)
@@ -349,20 +253,6 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
     if failed:
         logger.warning('%d of %d inputs could not be embedded; see %s', failed, len(coll), out / ERRORS)
     return report
-
-
-def shard_items(coll: Collection, k: int, shard_size: int) -> list[Item]:
-    return coll.items[k * shard_size:(k + 1) * shard_size]
-
-
-def embed_shard(model: CNClip, coll: Collection, out: Path, k: int, shard_size: int, batch_size: list[int],
-                pool: ThreadPoolExecutor | None, progress: Callable[[int], None] | None = None,
-                video_options: Mapping[str, Any] | None = None) -> tuple[int, int]:
-    """Embed shard ``k`` and write it; returns (embedded, failed)."""
-    done, vectors, failed = embed_items(model, coll, shard_items(coll, k, shard_size), batch_size, pool, progress,
-                                        **(video_options or {}))
-    write_shard(out, k, [i.id for i in done], [i.source for i in done], vectors, failed)
-    return len(done), len(failed)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
@@ -376,7 +266,7 @@ def _progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
 
 def _run_local(model: CNClip, coll: Collection, out: Path, todo: list[int], shard_size: int, batch_size: int,
                num_threads: int, progress: bool | None, video_options: Mapping[str, Any]) -> None:
-    threads = num_threads or min(8, os.cpu_count() or 1)
+    threads = num_threads or default_threads()
     remaining = sum(len(shard_items(coll, k, shard_size)) for k in todo)
     bar = _progress_bar(len(coll), len(coll) - remaining, progress)
     size = [batch_size]

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .config import CLIPConfig, TextConfig, VisionConfig, _registry
+from modelscope_cnclip.config import CLIPConfig, TextConfig, VisionConfig, _registry
 
 __all__ = ['StateDict', 'read_checkpoint', 'read_sharded', 'shard_plan', 'save_weights', 'parse_shard_size',
            'strip_prefixes', 'find_prefix', 'strip_model_prefix', 'detect_layout', 'clean_official', 'hf_to_official',

@@ -29,10 +29,11 @@ from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import torch
 
-from .collection import Collection, Item
-from .data import LmdbSplit, id_key, open_split, parse_id, read_jsonl
-from .embed import embed_items
-from .inference import CNClip
+from modelscope_cnclip.data import LmdbSplit, id_key, open_split, parse_id, read_jsonl
+from modelscope_cnclip.inference import CNClip
+from modelscope_cnclip.jobs.collection import Collection, Item
+from modelscope_cnclip.jobs.shards import embed_items
+from modelscope_cnclip.utils import default_threads
 
 __all__ = ['retrieval_metrics', 'inbatch_recall', 'topk_hits', 'rank_both', 'evaluate_split', 'evaluate_pairs',
            'embed_image_stream', 'topk_predictions', 'write_predictions', 't2i_to_i2t', 'score_predictions']
@@ -226,8 +227,9 @@ def inbatch_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence
 # --- streaming image embeddings -------------------------------------------------------------------------------------
 
 class _ImagesByPosition(Collection):
-    """Images read by position through ``read(n)``, as a collection for :func:`~modelscope_cnclip.embed.embed_items`
-    (items are named by the image ids, so its warnings name them)."""
+    """Images read by position through ``read(n)``, as a collection for
+    :func:`~modelscope_cnclip.jobs.shards.embed_items` (items are named by the image ids, so its warnings name them).
+    """
 
     def __init__(self, read: Callable[[int], Any], ids: Sequence[Hashable], where: str) -> None:
         super().__init__([Item(id_key(i), f'{where}[{n}]') for n, i in enumerate(ids)], 'image', 'memory', where)
@@ -255,7 +257,7 @@ def embed_image_stream(model: CNClip, read: Callable[[int], Any], ids: Sequence[
         ValueError: an unreadable image (named by id, with the reason), unless ``skip_errors``.
     """
     coll = _ImagesByPosition(read, ids, where)
-    threads = num_threads or min(8, os.cpu_count() or 1)
+    threads = num_threads or default_threads()
     pool = ThreadPoolExecutor(threads, thread_name_prefix='cnclip-eval') if threads > 1 else None
     try:
         done, vectors, failed = embed_items(model, coll, coll.items, batch_size, pool)
