@@ -28,8 +28,9 @@ from typing import Any, Collection, Iterator, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
-__all__ = ['TextRecord', 'OfficialSplit', 'open_split', 'parse_id', 'id_key', 'canonical_id', 'read_jsonl',
-           'read_texts_jsonl', 'write_official_split', 'make_synthetic_split', 'LmdbSplit', 'write_lmdb_split']
+__all__ = ['TextRecord', 'OfficialSplit', 'open_split', 'split_form', 'split_forms', 'parse_id', 'id_key',
+           'canonical_id', 'read_jsonl', 'read_texts_jsonl', 'write_official_split', 'make_synthetic_split',
+           'LmdbSplit', 'write_lmdb_split']
 
 logger = logging.getLogger(__name__)
 
@@ -377,13 +378,38 @@ class LmdbSplit:
         return [TextRecord(t, text, tuple(dict.fromkeys(ids))) for t, (text, ids) in grouped.items()]
 
 
-def open_split(data_dir: str | Path, split: str) -> OfficialSplit | LmdbSplit:
-    """The ``split`` of an official-format dir: ``{split}_imgs.tsv`` + ``{split}_texts.jsonl``, or the LMDB form
-    ``{split}/imgs`` + ``{split}/pairs``."""
+SPLIT_FORMS = ('tsv', 'lmdb')
+
+
+def split_forms(data_dir: str | Path) -> dict[str, list[str]]:
+    """The splits an official-format dir holds, by form: ``{'tsv': [...], 'lmdb': [...]}`` (sorted names).
+
+    ``tsv``: ``{split}_imgs.tsv`` and ``{split}_texts.jsonl``; ``lmdb``: ``{split}/imgs`` and ``{split}/pairs``
+    databases (cn_clip's ``build_lmdb_dataset.py``). The one place these forms are recognised.
+    """
     d = Path(data_dir)
-    if (d / split / 'imgs').is_dir() and (d / split / 'pairs').is_dir() and not (d / f'{split}_imgs.tsv').is_file():
-        return LmdbSplit(d, split)
-    return OfficialSplit(d, split)
+    if not d.is_dir():
+        return {form: [] for form in SPLIT_FORMS}
+    # either file names the split (OfficialSplit then names the missing one)
+    tsv = sorted({p.name[:-len('_imgs.tsv')] for p in d.glob('*_imgs.tsv')} |
+                 {p.name[:-len('_texts.jsonl')] for p in d.glob('*_texts.jsonl')})
+    lmdb = sorted(p.name for p in d.iterdir() if (p / 'imgs').is_dir() and (p / 'pairs').is_dir())
+    return {'tsv': tsv, 'lmdb': lmdb}
+
+
+def split_form(data_dir: str | Path, split: str) -> str | None:
+    """``'tsv'`` or ``'lmdb'``: the form in which ``data_dir`` holds ``split`` (tsv when it has both), else ``None``."""
+    forms = split_forms(data_dir)
+    return next((form for form in SPLIT_FORMS if split in forms[form]), None)
+
+
+def open_split(data_dir: str | Path, split: str) -> OfficialSplit | LmdbSplit:
+    """The ``split`` of an official-format dir in either form (:func:`split_form`).
+
+    Raises:
+        FileNotFoundError: ``data_dir`` holds no such split (the message lists what it holds).
+    """
+    return LmdbSplit(data_dir, split) if split_form(data_dir, split) == 'lmdb' else OfficialSplit(data_dir, split)
 
 
 def write_lmdb_split(split: OfficialSplit, lmdb_dir: str | Path, name: str) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from modelscope_cnclip.data import open_split, parse_id, read_jsonl
+from modelscope_cnclip.data import open_split, parse_id, read_jsonl, split_forms
 
 __all__ = ['Item', 'Collection', 'open_collection', 'IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS', 'MODALITIES']
 
@@ -227,10 +227,10 @@ def open_collection(source: str | os.PathLike, modality: str = 'auto', split: st
 
 
 def _official_form(path: Path, split: str | None) -> tuple[str, str] | None:
-    """``(kind, split)`` when ``path`` holds official tsv+jsonl or LMDB data (split guessed when unique)."""
-    tsv = sorted(p.name[:-len('_imgs.tsv')] for p in path.glob('*_imgs.tsv'))
-    lmdb = sorted(p.name for p in path.iterdir() if (p / 'imgs').is_dir() and (p / 'pairs').is_dir())
-    for kind, splits in (('official', tsv), ('lmdb', lmdb)):
+    """``(kind, split)`` when ``path`` holds official tsv+jsonl (kind ``'official'``) or LMDB data (``'lmdb'``), the
+    split guessed when unique (``valid`` when there are several)."""
+    for form, splits in split_forms(path).items():
+        kind = 'official' if form == 'tsv' else form
         if not splits:
             continue
         if split is None:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import modelscope_cnclip.jobs.ray_engine as ray_engine
 from modelscope_cnclip.embeddings import (
     ERRORS,
     META,
@@ -31,7 +32,6 @@ from modelscope_cnclip.embeddings import (
     write_meta,
 )
 from modelscope_cnclip.inference import CNClip, load
-from modelscope_cnclip.jobs import ray_engine
 from modelscope_cnclip.jobs.collection import Collection, open_collection
 from modelscope_cnclip.jobs.ray_engine import DEFAULT_SCHEDULE_TIMEOUT
 from modelscope_cnclip.jobs.shards import embed_shard, shard_items

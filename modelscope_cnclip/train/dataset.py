@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from modelscope_cnclip.data import LmdbSplit, OfficialSplit, read_jsonl
+from modelscope_cnclip.data import LmdbSplit, OfficialSplit, open_split, read_jsonl, split_form
 from modelscope_cnclip.tokenizer import Tokenizer
 from modelscope_cnclip.transform import ImageTransform
 
@@ -103,10 +103,8 @@ def read_pairs(source: Any, split: str = 'train', column_map: Mapping[str, str] 
     columns = {'img': 'img', 'text': 'text', **(column_map or {})}
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if path.is_dir() and (path / f'{split}_texts.jsonl').is_file():
-            return _official_pairs(OfficialSplit(path, split))
-        if (path / split / 'pairs').is_dir():
-            return _official_pairs(LmdbSplit(path, split))
+        if split_form(path, split) is not None:
+            return _official_pairs(open_split(path, split))
         if path.is_file() and path.suffix == '.jsonl':
             return _jsonl_pairs(path)
         if path.is_dir() and (path / f'{split}.jsonl').is_file():
