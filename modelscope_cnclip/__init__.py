@@ -7,13 +7,13 @@ registries (:func:`modelscope_cnclip.ms.install_registration`), whether ModelSco
 this package. Without ModelScope, use the plain API::
 
     import modelscope_cnclip as cnclip
-    m = cnclip.load('path/to/any/checkpoint')          # plugin / hub / HF dir, official .pt, hub id
-    probs = m.similarity('cat.jpg', ['猫', '狗'])
+    m = cnclip.load('ViT-B-16')    # a name of available_models(), or any checkpoint: plugin / hub / HF dir, .pt, hub id
+    probs = m.probabilities('cat.jpg', ['猫', '狗'])    # softmax over the texts (m.similarity: cosines)
 
-Layers, bottom to top: ``config``, ``utils``; ``model``, ``tokenizer``, ``transform``; ``checkpoints`` (layouts and
-conversion); ``inference``; ``data``, ``video``, ``embeddings`` (the on-disk format); ``jobs`` (embedding jobs,
-Ray); ``index``; ``evaluation`` (retrieval, zero-shot); ``train`` (ModelScope-free training pieces); ``ms`` (the
-ModelScope adapters); ``cli``. A module imports only from layers below it.
+Layers, bottom to top: ``config``, ``pretrained``, ``utils``; ``model``, ``tokenizer``, ``transform``;
+``checkpoints`` (layouts and conversion); ``inference``; ``data``, ``video``, ``embeddings`` (the on-disk format);
+``jobs`` (embedding jobs, Ray); ``index``; ``evaluation`` (retrieval, zero-shot); ``train`` (ModelScope-free training
+pieces); ``ms`` (the ModelScope adapters); ``cli``. A module imports only from layers below it.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ __version__ = '0.1.0'
 
 #: public name -> the module that defines it (imported on first access)
 _EXPORTS = {
-    'available_models': 'config', 'get_config': 'config', 'CLIPConfig': 'config',
+    'available_models': 'config', 'get_config': 'config', 'CLIPConfig': 'config', 'list_pretrained': 'pretrained',
     'CLIP': 'model', 'Tokenizer': 'tokenizer', 'get_tokenizer': 'tokenizer',
     'image_transform': 'transform', 'load_image': 'transform', 'set_max_image_pixels': 'transform',
     'Checkpoint': 'checkpoints', 'read_source': 'checkpoints', 'convert': 'checkpoints',
@@ -35,10 +35,10 @@ _EXPORTS = {
     'Hit': 'index', 'Index': 'index', 'Searcher': 'index',
     'evaluate_zeroshot': 'evaluation',
 }
-__all__ = ['available_models', 'get_config', 'CLIPConfig', 'CLIP', 'Tokenizer', 'get_tokenizer', 'image_transform',
-           'load_image', 'set_max_image_pixels', 'Checkpoint', 'read_source', 'convert', 'CNClip', 'load', 'Embeddings',
-           'load_embeddings', 'EmbedReport', 'embed_collection', 'Hit', 'Index', 'Searcher', 'evaluate_zeroshot',
-           '__version__']
+__all__ = ['available_models', 'list_pretrained', 'get_config', 'CLIPConfig', 'CLIP', 'Tokenizer', 'get_tokenizer',
+           'image_transform', 'load_image', 'set_max_image_pixels', 'Checkpoint', 'read_source', 'convert', 'CNClip',
+           'load', 'Embeddings', 'load_embeddings', 'EmbedReport', 'embed_collection', 'Hit', 'Index', 'Searcher',
+           'evaluate_zeroshot', '__version__']
 assert set(__all__) == {*_EXPORTS, '__version__'}
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from modelscope_cnclip.inference import CNClip, load
     from modelscope_cnclip.jobs import EmbedReport, embed_collection
     from modelscope_cnclip.model import CLIP
+    from modelscope_cnclip.pretrained import list_pretrained
     from modelscope_cnclip.tokenizer import Tokenizer, get_tokenizer
     from modelscope_cnclip.transform import image_transform, load_image, set_max_image_pixels
 

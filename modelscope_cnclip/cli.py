@@ -44,7 +44,7 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     from modelscope_cnclip.inference import load
     model = load(args.model, device=args.device, precision=args.precision, config=args.config,
                  fast_decode=args.fast_decode)
-    probs = model.similarity(args.image, args.texts)[0].tolist()
+    probs = model.probabilities(args.image, args.texts)[0].tolist()
     if args.json:
         print(json.dumps({t: p for t, p in zip(args.texts, probs)}, ensure_ascii=False))
     else:
@@ -154,7 +154,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise FileExistsError(f'{out} already exists; pass --overwrite to replace it, or choose another --out')
     index = Index.build(args.embeddings, kind=args.kind, **({'nprobe': args.nprobe} if args.nprobe else {}))
-    index.save(out)
+    index.save(out, overwrite=args.overwrite)
     print(f'{out}: {len(index)} vectors, kind {index.kind} ({index.factory}), model {index.model.get("source")}')
     return 0
 
@@ -163,7 +163,7 @@ def _cmd_index_add(args: argparse.Namespace) -> int:
     from modelscope_cnclip.index import Index
     index = Index.load(args.index)
     added = index.add_embeddings(args.embeddings, skip_existing=args.skip_existing)
-    index.save(args.index)
+    index.save(args.index, overwrite=True)  # its own index, updated in place
     print(f'{args.index}: added {added} vectors; it now holds {len(index)}')
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -167,13 +168,23 @@ class CLIPConfig:
         Path(path).write_text(json.dumps(d, indent=2, ensure_ascii=False) + '\n', encoding='utf-8')
 
 
+def natural_key(name: str) -> tuple[list[str | int], str]:
+    """Sort key that orders the numbers inside names by value: ``RN50 < RN101``, ``ViT-L-14 < ViT-L-14-336``
+    (a plain sort of the file names puts ``ViT-L-14-336.json`` first, ``-`` sorting before ``.``)."""
+    parts = re.split(r'(\d+)', name)  # text, number, text, ...: the types line up between any two names
+    return [int(p) if i % 2 else p.lower() for i, p in enumerate(parts)], name
+
+
 @lru_cache(maxsize=None)
 def _registry() -> dict[str, CLIPConfig]:
-    return {p.stem: CLIPConfig.from_file(p) for p in sorted(CONFIG_DIR.glob('*.json'))}
+    paths = sorted(CONFIG_DIR.glob('*.json'), key=lambda p: natural_key(p.stem))
+    return {p.stem: CLIPConfig.from_file(p) for p in paths}
 
 
 def available_models() -> list[str]:
-    """Names of the architectures shipped with the package (one JSON file each in ``model_configs/``)."""
+    """Names of the architectures shipped with the package (one JSON file each in ``model_configs/``), in natural
+    order: ``['RN50', 'ViT-B-16', 'ViT-H-14', 'ViT-L-14', 'ViT-L-14-336']``. Each loads by name
+    (``load('ViT-B-16')``: see :func:`modelscope_cnclip.pretrained.list_pretrained`)."""
     return list(_registry())
 
 

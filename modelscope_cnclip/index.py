@@ -28,9 +28,9 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -40,8 +40,8 @@ from modelscope_cnclip.utils import atomic_dir, atomic_write_bytes
 if TYPE_CHECKING:
     from modelscope_cnclip.inference import CNClip
 
-__all__ = ['FORMAT', 'KINDS', 'AUTO_EXACT_MAX', 'Hit', 'Index', 'Searcher', 'read_meta', 'query_kind', 'default_nlist',
-           'default_nprobe']
+__all__ = ['FORMAT', 'KINDS', 'AUTO_EXACT_MAX', 'OPTIONS', 'Hit', 'Index', 'IndexOptions', 'Searcher', 'read_meta',
+           'query_kind', 'default_nlist', 'default_nprobe']
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,12 @@ META = 'meta.json'
 FAISS_FILE = 'index.faiss'
 IDS_FILE = 'ids.npz'
 KINDS = ('auto', 'flat', 'ivf', 'hnsw', 'ivfpq')
+#: The named kinds; a faiss ``index_factory`` string (``"IVF1024,SQ8"``) is accepted too.
+IndexKind = Literal['auto', 'flat', 'ivf', 'hnsw', 'ivfpq']
 # 'auto' searches exactly up to this many vectors: a 2-thread CPU scans 10^5 x 512 float32 in a few ms per query,
 # past that an IVF index answers in a fraction of the time at recall@10 >= 0.95 (benchmarks/RESULTS_search.md).
 AUTO_EXACT_MAX = 100_000
-# Build and search options and their defaults (None: derived from the number of vectors or the dim).
+# The defaults of IndexOptions' fields left None (None here: derived from the number of vectors or the dim).
 OPTIONS: dict[str, Any] = {
     'nlist': None,           # ivf, ivfpq: inverted lists (default_nlist)
     'nprobe': None,          # ivf, ivfpq, factory strings with IVF: lists visited per query (default_nprobe)
@@ -67,6 +69,80 @@ OPTIONS: dict[str, Any] = {
 }
 SEARCH_PARAMS = ('nprobe', 'efSearch')
 _FACTORY_ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """Build and search options of an :class:`Index`, checked once here. ``None`` (every default) takes the
+    default in :data:`OPTIONS`, some of them derived from the first batch's size or dimension. The names are faiss'
+    own and the keys that ``meta.json`` records (under ``"options"``, only the fields given).
+
+    Attributes:
+        nlist: ``ivf``, ``ivfpq``: inverted lists (default :func:`default_nlist` of the first batch).
+        nprobe: ``ivf``, ``ivfpq``, factory strings with IVF: lists visited per query (default :func:`default_nprobe`).
+        M: ``hnsw``: graph degree (default 32).
+        efConstruction: ``hnsw``: build-time beam (default 40; higher: a better graph, a slower build).
+        efSearch: ``hnsw``: search-time beam (default 256; raised to ``k`` when ``k`` is larger).
+        pq_m: ``ivfpq``: bytes per vector (default the largest divisor of the dimension <= dim / 8).
+        train_size: vectors sampled to train IVF/PQ (default 40 per list; ``ivfpq`` at least 10,000; factory strings
+            50,000).
+        seed: of the training sample (default 0).
+
+    Raises:
+        ValueError: a value that is not an int >= 1 (``seed``: >= 0).
+    """
+
+    nlist: int | None = None
+    nprobe: int | None = None
+    M: int | None = None
+    efConstruction: int | None = None
+    efSearch: int | None = None
+    pq_m: int | None = None
+    train_size: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            least = 0 if f.name == 'seed' else 1
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f'index option {f.name}={value!r}: must be an int >= {least}, or None for the '
+                                 f'default')
+            object.__setattr__(self, f.name, int(value))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str | None = None) -> 'IndexOptions':
+        """From keyword arguments or a ``meta.json``'s ``"options"`` (``where`` names it in errors).
+
+        Raises:
+            TypeError: an unknown option (the message lists the valid ones). ValueError: an invalid value.
+        """
+        prefix = f'{where}: ' if where else ''
+        if not isinstance(data, Mapping):
+            raise TypeError(f'{prefix}index options must map option names to values, got {type(data).__name__}')
+        unknown = sorted(set(data) - set(OPTIONS))
+        if unknown:
+            raise TypeError(f'{prefix}unknown index option(s) {unknown}; valid: {sorted(OPTIONS)}')
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, int]:
+        """The options given (not None), in :data:`OPTIONS` order: what ``meta.json`` records."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def value(self, name: str) -> Any:
+        """The option ``name`` in effect: the given value, else its default (``None``: derived when building)."""
+        given = getattr(self, name)
+        return OPTIONS[name] if given is None else given
+
+
+def _options(options: IndexOptions | None, kwargs: Mapping[str, Any]) -> IndexOptions:
+    """``options`` with the old keyword arguments (``nprobe=8``, ...) laid over it."""
+    if options is not None and not isinstance(options, IndexOptions):
+        raise TypeError(f'options={options!r}: expected an IndexOptions, e.g. options=IndexOptions(nprobe=32)')
+    base = options or IndexOptions()
+    return replace(base, **IndexOptions.from_dict(kwargs).to_dict()) if kwargs else base
 
 
 def _faiss() -> Any:
@@ -111,36 +187,33 @@ def _default_pq_m(dim: int) -> int:
     return next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
 
 
-def _plan(kind: str, n: int, dim: int, opts: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def _plan(kind: str, n: int, dim: int, opts: IndexOptions) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """``(factory string, build params, search params)`` of ``kind`` for a first batch of ``n`` vectors."""
     if kind == 'flat':
         return 'Flat', {}, {}
     if kind == 'hnsw':
-        return f'HNSW{opts["M"]}', {'M': opts['M'], 'efConstruction': opts['efConstruction']}, \
-            {'efSearch': opts['efSearch']}
+        m = opts.value('M')
+        return f'HNSW{m}', {'M': m, 'efConstruction': opts.value('efConstruction')}, \
+            {'efSearch': opts.value('efSearch')}
     if kind in ('ivf', 'ivfpq'):
-        nlist = int(opts['nlist'] or default_nlist(n))
-        nprobe = int(opts['nprobe'] or default_nprobe(nlist))
+        nlist = opts.nlist or default_nlist(n)
+        nprobe = opts.nprobe or default_nprobe(nlist)
         # 40 vectors per list (faiss warns below 39); PQ's 256 centroids per sub-vector want 10,000.
         least = 40 * nlist if kind == 'ivf' else max(40 * nlist, 10_000)
-        build: dict[str, Any] = {'nlist': nlist, 'train_size': int(opts['train_size'] or least)}
+        build: dict[str, Any] = {'nlist': nlist, 'train_size': opts.train_size or least}
         if kind == 'ivf':
             return f'IVF{nlist},Flat', build, {'nprobe': nprobe}
-        pq_m = int(opts['pq_m'] or _default_pq_m(dim))
+        pq_m = opts.pq_m or _default_pq_m(dim)
         if dim % pq_m:
             raise ValueError(f'pq_m={pq_m} must divide the dimension {dim}')
         # 'np': no polysemous training (a slow annealing that only serves Hamming-filtered search).
         return f'IVF{nlist},PQ{pq_m}np', {**build, 'pq_m': pq_m}, {'nprobe': nprobe}
     # A faiss index_factory string: the search options the user gave, and for IVF a default nprobe (faiss' is 1).
-    search = {p: opts[p] for p in SEARCH_PARAMS if opts.get(p) is not None and p in _user_opts(opts)}
+    search = {p: getattr(opts, p) for p in SEARCH_PARAMS if getattr(opts, p) is not None}
     ivf = re.search(r'IVF(\d+)', kind)
     if ivf and 'nprobe' not in search:
         search['nprobe'] = default_nprobe(int(ivf.group(1)))
-    return kind, {'train_size': int(opts['train_size'] or 50_000)}, search
-
-
-def _user_opts(opts: dict[str, Any]) -> set[str]:
-    return set(opts.get('_given', ()))
+    return kind, {'train_size': opts.train_size or 50_000}, search
 
 
 def _reason(e: Exception) -> str:
@@ -182,21 +255,24 @@ class Index:
     :meth:`add`; the faiss index itself is created (and trained) on the first add, from that batch.
 
     Args:
-        dim: vector dimension.
+        dim: vector dimension ``D``.
         kind: ``'auto'``, ``'flat'``, ``'ivf'``, ``'hnsw'``, ``'ivfpq'`` or a faiss ``index_factory`` string
             (inner-product metric).
         model: ``{"source", "fingerprint", "arch", "embed_dim", "precision"}`` of the model that made the vectors.
         root: for image folders, the folder: an entry's path is ``os.path.join(root, id)``.
         modality: ``'image'``, ``'text'`` or ``'video'`` (informational).
-        **opts: build and search options (see :data:`OPTIONS`): ``nlist``, ``nprobe``, ``M``, ``efConstruction``,
-            ``efSearch``, ``pq_m``, ``train_size``, ``seed``.
+        options: build and search options (:class:`IndexOptions`).
+        **opts: the same options as keyword arguments (``nprobe=8``), laid over ``options``.
+
+    Raises:
+        ValueError: a bad dimension, kind or option value, or a model of another ``embed_dim``.
+        TypeError: an unknown option.
     """
 
-    def __init__(self, dim: int, kind: str = 'auto', model: dict[str, Any] | None = None, root: str | None = None,
-                 modality: str | None = None, **opts: Any) -> None:
-        unknown = sorted(set(opts) - set(OPTIONS))
-        if unknown:
-            raise TypeError(f'unknown index option(s) {unknown}; valid: {sorted(OPTIONS)}')
+    def __init__(self, dim: int, kind: IndexKind | str = 'auto', *, model: dict[str, Any] | None = None,
+                 root: str | None = None, modality: Literal['image', 'text', 'video'] | None = None,
+                 options: IndexOptions | None = None, **opts: Any) -> None:
+        self.options = _options(options, opts)
         if not isinstance(kind, str) or not kind:
             raise ValueError(f'kind={kind!r}: use one of {list(KINDS)} or a faiss index_factory string')
         if int(dim) < 1:
@@ -213,7 +289,6 @@ class Index:
         self.sources: list[str] = []
         self.path: Path | None = None  # where it was loaded from or last saved to
         self._pos: dict[str, int] = {}
-        self._opts = {**OPTIONS, **opts, '_given': tuple(opts)}
         self._faiss: Any = None
         self._kind: str | None = None
         self.factory: str | None = None
@@ -223,35 +298,51 @@ class Index:
     # --- construction -------------------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, embeddings: Embeddings | str | os.PathLike, kind: str = 'auto', **opts: Any) -> 'Index':
+    def build(cls, embeddings: Embeddings | str | os.PathLike, kind: IndexKind | str = 'auto', *,
+              options: IndexOptions | None = None, **opts: Any) -> 'Index':
         """An index of an embeddings dir (or loaded :class:`Embeddings`), remembering their model and root.
 
         Args:
             embeddings: what ``cnclip embed`` wrote, or :func:`~modelscope_cnclip.embeddings.load_embeddings`'s result.
             kind: see :class:`Index`; ``'auto'`` is exact up to :data:`AUTO_EXACT_MAX` vectors, IVF above.
-            **opts: see :class:`Index`.
+            options: build and search options, e.g. ``IndexOptions(nprobe=32)``.
+            **opts: the same options as keyword arguments (``nprobe=32``), laid over ``options``.
+
+        Raises:
+            ValueError / TypeError: see :class:`Index` and :meth:`add`.
         """
         emb = embeddings if isinstance(embeddings, Embeddings) else load_embeddings(embeddings)
         inp = emb.meta.get('input') or {}
         index = cls(emb.dim, kind, model=emb.model, root=inp.get('root'),
-                    modality=emb.meta.get('modality') or inp.get('modality'), **opts)
+                    modality=emb.meta.get('modality') or inp.get('modality'), options=options, **opts)
         if not len(emb):
             logger.warning('no embeddings to index (%d inputs failed); the index is empty', len(emb.failed))
         index.add(emb.ids, emb.vectors, emb.sources or None)
         return index
 
     @classmethod
-    def from_arrays(cls, ids: Sequence[str], vectors: np.ndarray, sources: Sequence[str] | None = None,
-                    meta: dict[str, Any] | None = None, kind: str = 'auto', **opts: Any) -> 'Index':
-        """An index of raw vectors ``(N, D)`` with their ``ids``; ``meta`` may give ``model``, ``root``,
-        ``modality`` (as in an embeddings dir's meta.json)."""
+    def from_arrays(cls, ids: Sequence[str], vectors: np.ndarray, *, sources: Sequence[str] | None = None,
+                    meta: dict[str, Any] | None = None, kind: IndexKind | str = 'auto',
+                    options: IndexOptions | None = None, **opts: Any) -> 'Index':
+        """An index of raw vectors with their ids.
+
+        Args:
+            ids: ``N`` ids (str), unique.
+            vectors: ``(N, D)`` float vectors (L2-normalised for cosine similarity), converted to float32.
+            sources: ``N`` locations (paths, URLs) of the entries.
+            meta: may give ``model``, ``root``, ``modality`` (as an embeddings dir's meta.json does).
+            kind, options, **opts: see :class:`Index`.
+
+        Raises:
+            ValueError / TypeError: see :class:`Index` and :meth:`add`.
+        """
         meta = meta or {}
         vectors = np.asarray(vectors)
         if vectors.ndim != 2:
             raise ValueError(f'vectors of shape {vectors.shape}: expected (N, D)')
         index = cls(vectors.shape[1], kind, model=meta.get('model'),
                     root=meta.get('root', (meta.get('input') or {}).get('root')), modality=meta.get('modality'),
-                    **opts)
+                    options=options, **opts)
         index.add(ids, vectors, sources)
         return index
 
@@ -263,7 +354,7 @@ class Index:
         if kind == 'auto':
             kind = 'flat' if n <= AUTO_EXACT_MAX else 'ivf'
             logger.info('kind auto: %s for %d vectors (exact up to %d)', kind, n, AUTO_EXACT_MAX)
-        factory, build, search = _plan(kind, n, self.dim, self._opts)
+        factory, build, search = _plan(kind, n, self.dim, self.options)
         try:
             index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
         except _FACTORY_ERRORS as e:
@@ -285,7 +376,7 @@ class Index:
         size = min(n, build['train_size'])
         sample = vectors
         if size < n:
-            rows = np.sort(np.random.default_rng(self._opts['seed']).choice(n, size, replace=False))
+            rows = np.sort(np.random.default_rng(self.options.value('seed')).choice(n, size, replace=False))
             sample = vectors[rows]
         t = time.perf_counter()
         try:
@@ -480,15 +571,27 @@ class Index:
 
     # --- persistence --------------------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the index dir (see the module docstring), replacing an index dir already there.
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the index dir (see the module docstring); returns ``path``.
 
         The files go to a temporary dir beside ``path`` that is then renamed into place, so ``path`` is always
         either the previous index or the new one, never a mix.
+
+        Args:
+            path: a new or empty dir, or (with ``overwrite``) an index dir to replace: also the one this index was
+                loaded from.
+            overwrite: replace an index dir already at ``path``. A dir that is not an index is never replaced.
+
+        Raises:
+            FileExistsError: ``path`` holds an index and ``overwrite`` is false, or ``path`` exists and is not an
+                index dir.
         """
         path = Path(path)
         if path.exists() and not (path / META).is_file() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f'{path} exists and is not an index dir; choose another path or remove it')
+        if (path / META).is_file() and not overwrite:
+            raise FileExistsError(f'{path} already holds an index; pass overwrite=True (cnclip index build '
+                                  f'--overwrite) to replace it, or choose another path')
         with atomic_dir(path) as tmp:
             self._write(tmp)
         self.path = path
@@ -505,22 +608,27 @@ class Index:
         np.savez(buf, ids_data=ids_data, ids_offsets=ids_offsets, sources_data=src_data, sources_offsets=src_offsets)
         atomic_write_bytes(folder / IDS_FILE, buf.getvalue())
         meta = {**self.info(), 'requested_kind': self.requested_kind,
-                'options': {k: v for k, v in self._opts.items() if k in _user_opts(self._opts)},
+                'options': self.options.to_dict(),
                 'updated': time.strftime('%Y-%m-%dT%H:%M:%S')}
         atomic_write_bytes(folder / META, json.dumps(meta, ensure_ascii=False, indent=2).encode('utf-8'))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expect_model: str | None = None) -> 'Index':
+    def load(cls, path: str | os.PathLike, *, expect_model: str | None = None) -> 'Index':
         """Read an index dir, checking that its parts agree.
 
         Args:
+            path: an index dir (:meth:`save`, ``cnclip index build``).
             expect_model: the fingerprint of the model that will embed queries (``CNClip.fingerprint``); an index
                 built by another model is refused.
+
+        Raises:
+            FileNotFoundError: not an index dir. ValueError: parts that disagree or cannot be read, another model.
         """
         path = Path(path)
         meta = read_meta(path)
+        options = IndexOptions.from_dict(meta.get('options') or {}, where=str(path / META))
         index = cls(int(meta['dim']), meta.get('requested_kind') or meta['kind'], model=meta.get('model'),
-                    root=meta.get('root'), modality=meta.get('modality'), **meta.get('options', {}))
+                    root=meta.get('root'), modality=meta.get('modality'), options=options)
         index.path = path
         try:
             with np.load(path / IDS_FILE, allow_pickle=False) as z:

@@ -162,7 +162,8 @@ def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: str | Sequence[str] |
 class CNClip:
     """A loaded Chinese CLIP model with its preprocessing, ready to embed (plain Python, no ModelScope).
 
-    Use :func:`load` to make one. ``temperature`` equals ``1 / logit_scale.exp()``; similarity logits are
+    Use :func:`load` to make one. ``temperature`` equals ``1 / logit_scale.exp()``; :meth:`similarity` gives the
+    cosine similarities ``img @ text.T`` and :meth:`probabilities` the softmax over texts of
     ``(img / temperature) @ text.T``.
     """
 
@@ -226,16 +227,42 @@ class CNClip:
         return (1.0 / self.model.logit_scale.detach().float().exp()).clone()
 
     def encode_image(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor,
-                     batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
-        """L2-normalised image embeddings ``(N, D)`` of one image input, a list of them, a uint8 batch
-        (``(N, H, W, C)`` or ``(N, C, H, W)`` array or tensor), or normalised float pixels (``(3, R, R)`` or
-        ``(N, 3, R, R)`` at the model's ``R``). Errors name the failing input as ``img[i]``."""
-        return encode_images(self.model, self.transform, as_image_batch(images), batch_size)
+                     batch_size: int = DEFAULT_BATCH, *, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings of one image input, a list of them, a uint8 batch (``(N, H, W, C)`` or ``(N, C, H, W)``
+        array or tensor), or normalised float pixels (``(3, R, R)`` or ``(N, 3, R, R)`` at the model's ``R``).
 
-    def encode_text(self, texts: str | Sequence[str] | torch.Tensor, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
-        """L2-normalised text embeddings ``(N, D)`` of a str, a list of str, or token ids (``(L,)`` or ``(N, L)``,
-        integers in the vocabulary, at most the text tower's positions long; see :func:`check_token_ids`)."""
-        return encode_texts(self.model, self.tokenizer, as_text_batch(texts), batch_size)
+        Args:
+            batch_size: images per model call.
+            normalize: L2-normalise each row (default); ``False`` gives the raw features (the image tower's output
+                ``@ proj``, as the official ``encode_image`` returns them).
+
+        Returns:
+            ``(N, D)`` float32 on the model's device.
+
+        Raises:
+            ValueError / TypeError / FileNotFoundError / OSError: ``img[i]: ...`` naming the first input that cannot
+                be read, or a pixel tensor of the wrong shape or dtype.
+        """
+        return encode_images(self.model, self.transform, as_image_batch(images), batch_size, normalize=normalize)
+
+    def encode_text(self, texts: str | Sequence[str] | torch.Tensor, batch_size: int = DEFAULT_BATCH, *,
+                    normalize: bool = True) -> torch.Tensor:
+        """Text embeddings of a str, a list of str, or token ids (``(L,)`` or ``(N, L)``, integers in the
+        vocabulary, at most the text tower's positions long; see :func:`check_token_ids`).
+
+        Args:
+            batch_size: texts per model call.
+            normalize: L2-normalise each row (default); ``False`` gives the raw features (the ``[CLS]`` state
+                ``@ text_projection``, as the official ``encode_text`` returns them).
+
+        Returns:
+            ``(N, D)`` float32 on the model's device.
+
+        Raises:
+            TypeError: not a str, a list of str or integer token ids. ValueError: token ids too long or outside the
+                vocabulary.
+        """
+        return encode_texts(self.model, self.tokenizer, as_text_batch(texts), batch_size, normalize=normalize)
 
     def encode_video(self, videos: Any, num_frames: int = 8, mode: str = 'uniform', sample_fps: float = 1.0,
                      max_frames: int | None = None, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
@@ -245,24 +272,50 @@ class CNClip:
         from modelscope_cnclip.video import encode_videos  # decord is an optional extra
         return encode_videos(self, videos, num_frames, mode, sample_fps, max_frames, batch_size).embeddings
 
-    def similarity(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str]) -> torch.Tensor:
-        """Softmax over texts of ``(img / temperature) @ text.T``: ``(N_images, N_texts)`` probabilities.
+    def similarity(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str], *,
+                   batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
+        """Cosine similarities of the images' and the texts' embeddings: ``img @ text.T`` of the L2-normalised
+        embeddings, each in ``[-1, 1]``; the scores an index search returns.
+
+        Returns:
+            ``(N_images, N_texts)`` float32 on the model's device.
+
+        Raises:
+            ValueError: no texts, or an input that cannot be read (see :meth:`encode_image`, :meth:`encode_text`).
+        """
+        img, txt = self._embed_pair(images, texts, 'similarity', batch_size)
+        return img @ txt.t()
+
+    def probabilities(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str], *,
+                      batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
+        """For each image, a probability over the texts: the softmax over texts of ``(img / temperature) @ text.T``
+        (what the official quick start and the pokemon example compute; ``temperature`` is 0.01 in the released
+        weights, so the scores are sharp).
+
+        Returns:
+            ``(N_images, N_texts)`` float32 on the model's device; each row sums to 1.
 
         Raises:
             ValueError: no texts (a softmax over nothing), or an input that cannot be read.
         """
-        if isinstance(texts, (list, tuple)) and not texts:
-            raise ValueError('similarity needs at least one text to score the images against')
-        img, txt = self.encode_image(images), self.encode_text(texts)
+        img, txt = self._embed_pair(images, texts, 'probabilities', batch_size)
         return ((img / self.temperature.to(img.device)) @ txt.t()).softmax(dim=-1)
+
+    def _embed_pair(self, images: Any, texts: Any, what: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, (list, tuple)) and not texts:
+            raise ValueError(f'{what} needs at least one text to score the images against')
+        return self.encode_image(images, batch_size), self.encode_text(texts, batch_size)
 
 
 def load(source: str | os.PathLike, device: str | torch.device | None = 'cpu', precision: str = 'fp32',
          config: CLIPConfig | str | os.PathLike | None = None, fast_decode: bool = False) -> CNClip:
-    """Load any checkpoint (model dir of any layout, weights file or ModelScope hub id) ready to embed.
+    """Load any checkpoint (model dir of any layout, weights file, ModelScope hub id, or an architecture name for its
+    published weights) ready to embed.
 
     Args:
-        source: see :func:`modelscope_cnclip.read_source`.
+        source: see :func:`modelscope_cnclip.read_source`; ``'ViT-B-16'`` (any name of
+            :func:`~modelscope_cnclip.config.available_models`) downloads the weights that
+            :func:`~modelscope_cnclip.pretrained.list_pretrained` names, unless a local path has that name.
         device: ``'cpu'``, ``'gpu'``, ``'cuda:1'``, ... (a GPU request without CUDA falls back to the CPU).
         precision: ``'fp32'`` (exact), ``'bf16'`` (fast on CPUs with AVX512-BF16/AMX and on GPUs) or ``'fp16'``
             (GPU only).

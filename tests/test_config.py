@@ -29,6 +29,25 @@ def test_all_five_architectures_are_found_by_scanning():
     assert sorted(available_models()) == sorted(PUBLISHED)
 
 
+def test_names_sort_naturally():
+    # A plain sort of the file names gives ViT-L-14-336 before ViT-L-14 ('-' < '.').
+    assert available_models() == ['RN50', 'ViT-B-16', 'ViT-H-14', 'ViT-L-14', 'ViT-L-14-336']
+
+
+def test_natural_order_compares_numbers_by_value(tmp_path, monkeypatch):
+    import modelscope_cnclip.config as config_mod
+    text = (config_mod.CONFIG_DIR / 'ViT-B-16.json').read_text()
+    for name in ['ViT-L-14-336', 'ViT-L-9', 'ViT-L-14', 'RN101', 'RN50', 'ViT-B-32', 'ViT-B-16']:
+        (tmp_path / f'{name}.json').write_text(text)
+    monkeypatch.setattr(config_mod, 'CONFIG_DIR', tmp_path)
+    config_mod._registry.cache_clear()
+    try:
+        assert available_models() == ['RN50', 'RN101', 'ViT-B-16', 'ViT-B-32', 'ViT-L-9', 'ViT-L-14', 'ViT-L-14-336']
+    finally:
+        monkeypatch.undo()
+        config_mod._registry.cache_clear()
+
+
 @pytest.mark.parametrize('name', sorted(PUBLISHED))
 def test_parameter_counts_equal_published(name):
     with torch.device('meta'):

@@ -19,7 +19,7 @@ HEAVY = ('torch', 'transformers', 'modelscope', 'PIL', 'numpy', 'faiss', 'ray', 
 
 # Bottom to top; a module may import its own layer and the layers below, never one above.
 LAYERS = [
-    {'config', 'utils'},
+    {'config', 'pretrained', 'utils'},
     {'model', 'tokenizer', 'transform'},
     {'checkpoints'},
     {'inference'},

@@ -17,9 +17,9 @@ from modelscope_cnclip import load  # noqa: E402
 from modelscope_cnclip.cli import main  # noqa: E402
 from modelscope_cnclip.config import match_architecture  # noqa: E402
 from modelscope_cnclip.embeddings import write_meta, write_shard  # noqa: E402
-from modelscope_cnclip.index import Hit, Index, Searcher, query_kind  # noqa: E402
+from modelscope_cnclip.index import Hit, Index, IndexOptions, Searcher, query_kind  # noqa: E402
 
-from conftest import TINY_VIT, random_state_dict, write_hub_dir  # noqa: E402
+from conftest import DATA, TINY_VIT, random_state_dict, write_hub_dir  # noqa: E402
 
 D = 32
 MODEL_A = {'source': '/models/a', 'fingerprint': 'a' * 16, 'arch': 'custom', 'embed_dim': D, 'precision': 'fp32'}
@@ -167,7 +167,7 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
     assert before[0][0].path == '/photos/dir/0000.jpg'  # root + id
 
     loaded.add(['new.jpg'], unit(1, seed=9))  # add to a loaded index, save over it
-    loaded.save(out)
+    loaded.save(out, overwrite=True)
     assert len(Index.load(out)) == 901
 
 
@@ -184,12 +184,90 @@ def test_a_failed_save_keeps_the_previous_index(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(index_mod, 'atomic_write_bytes', crash_on_meta)
     with pytest.raises(OSError, match='disk full'):
-        index.save(out)
+        index.save(out, overwrite=True)
     assert Index.load(out).ids == ['a', 'b'] and [p.name for p in tmp_path.iterdir()] == ['i']
     # A save interrupted between its two renames leaves the previous index beside the path: the error says so.
     out.rename(tmp_path / '.i.x1y2.old')
     with pytest.raises(FileNotFoundError, match=r'a save was interrupted: the previous index is in .*\.i\.x1y2\.old'):
         Index.load(out)
+
+
+def test_save_refuses_to_overwrite_an_index_unless_asked(tmp_path: Path) -> None:
+    out = Index.from_arrays(['a', 'b'], unit(2)).save(tmp_path / 'i')
+    other = Index.from_arrays(['c'], unit(1, seed=1))
+    with pytest.raises(FileExistsError, match=r'i already holds an index; pass overwrite=True \(cnclip index build '
+                                              r'--overwrite\) to replace it, or choose another path'):
+        other.save(out)
+    assert Index.load(out).ids == ['a', 'b']  # untouched
+    loaded = Index.load(out)
+    loaded.add(['d'], unit(1, seed=2))
+    with pytest.raises(FileExistsError, match='already holds an index'):
+        loaded.save(out)  # its own dir too: every writer asks
+    assert loaded.save(out, overwrite=True) == out and Index.load(out).ids == ['a', 'b', 'd']
+    assert [p.name for p in tmp_path.iterdir()] == ['i']  # the atomic swap left nothing beside it
+    (tmp_path / 'empty').mkdir()
+    assert other.save(tmp_path / 'empty') == tmp_path / 'empty'  # an empty dir is not an index to protect
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'keep.txt').write_text('x')
+    with pytest.raises(FileExistsError, match='exists and is not an index dir'):
+        other.save(tmp_path / 'other', overwrite=True)  # never replaces a folder that is not an index
+    assert (tmp_path / 'other' / 'keep.txt').read_text() == 'x'
+
+
+# --- options ------------------------------------------------------------------------------------------------------
+
+def test_index_options_are_a_checked_frozen_dataclass() -> None:
+    opts = IndexOptions(nlist=64, nprobe=8)
+    assert opts.to_dict() == {'nlist': 64, 'nprobe': 8} and opts.value('M') == 32 and opts.value('seed') == 0
+    with pytest.raises(AttributeError):
+        opts.nprobe = 9  # frozen
+    for bad in ({'nprobe': 0}, {'M': True}, {'efSearch': 1.5}, {'nlist': '64'}, {'seed': -1}):
+        with pytest.raises(ValueError, match=rf'index option {next(iter(bad))}=.*: must be an int >= [01], or None'):
+            IndexOptions(**bad)
+    assert IndexOptions(seed=0, train_size=np.int64(500)).to_dict() == {'train_size': 500, 'seed': 0}
+    with pytest.raises(TypeError, match=r"meta.json: unknown index option\(s\) \['nprobes'\]; valid: \['M', "):
+        IndexOptions.from_dict({'nprobes': 3}, where='meta.json')
+    with pytest.raises(TypeError, match=r'options=\{.nprobe.: 8\}: expected an IndexOptions, e.g. '
+                                        r'options=IndexOptions\(nprobe=32\)'):
+        Index(D, 'ivf', options={'nprobe': 8})
+
+
+def test_options_build_the_index_and_are_recorded_as_before(tmp_path: Path) -> None:
+    data = clustered(900)
+    emb = write_embeddings(tmp_path / 'p.emb', [str(i) for i in range(900)], data)
+    index = Index.build(emb, kind='ivf', options=IndexOptions(nlist=16, nprobe=7, seed=3))
+    assert index.options == IndexOptions(nlist=16, nprobe=7, seed=3)
+    assert index.factory == 'IVF16,Flat' and index.params == {'nprobe': 7} and index.build_params['nlist'] == 16
+    meta = json.loads((index.save(tmp_path / 'p.index') / 'meta.json').read_text())
+    assert meta['options'] == {'nlist': 16, 'nprobe': 7, 'seed': 3} and meta['version'] == 1
+    # The keyword arguments the CLI and older code pass still work, laid over options=.
+    kw = Index.build(emb, kind='ivf', options=IndexOptions(nlist=16, nprobe=7), nprobe=5)
+    assert kw.options == IndexOptions(nlist=16, nprobe=5) and kw.params == {'nprobe': 5}
+    hnsw = Index.from_arrays([str(i) for i in range(300)], data[:300], kind='hnsw',
+                             options=IndexOptions(M=8, efSearch=40))
+    assert hnsw.factory == 'HNSW8' and hnsw.build_params == {'M': 8, 'efConstruction': 40}
+    assert hnsw.params == {'efSearch': 40}
+    factory = Index.from_arrays([str(i) for i in range(900)], data, kind='IVF16,Flat')
+    assert factory.params == {'nprobe': 16}  # default_nprobe(16); no HNSW efSearch default leaks into a factory
+
+
+@pytest.mark.parametrize('name', ['v1_ivf', 'v1_hnsw'])
+def test_index_dirs_saved_by_format_1_still_load(name: str, tmp_path: Path) -> None:
+    """Index dirs written by the code before IndexOptions (commit f5d01a0, tests/data/index/README.md): they load,
+    search as they did, and a re-save records the same options and parameters."""
+    src = DATA / 'index' / name
+    old = json.loads((src / 'meta.json').read_text())
+    index = Index.load(src)
+    assert index.options == IndexOptions(**old['options']) and index.params == old['params']
+    assert index.kind == old['kind'] and len(index) == old['count'] and index.dim == 8
+    vectors = unit(64, 8, seed=3) if name == 'v1_ivf' else unit(40, 8, seed=4)
+    queries = unit(5, 8, seed=11)
+    order, _ = numpy_top(vectors, queries, 3)  # IVF4 with nprobe 4 and a 40-node HNSW: exact here
+    assert [[index.ids.index(h.id) for h in row] for row in index.search(queries, k=3)] == order.tolist()
+    new = json.loads((index.save(tmp_path / 'resaved') / 'meta.json').read_text())
+    for key in ('format', 'version', 'count', 'dim', 'kind', 'factory', 'params', 'build', 'model', 'modality',
+                'root', 'requested_kind', 'options'):
+        assert new[key] == old[key], key
 
 
 def test_path_is_the_source_without_root() -> None:
@@ -308,7 +386,8 @@ def test_cli_build_add_info_search(tmp_path: Path, photo_index: tuple[Path, Path
     assert main(['index', 'build', str(emb), '--out', str(out), '--kind', 'ivf', '--nprobe', '5']) == 0
     assert '200 vectors' in capsys.readouterr().out
     assert main(['index', 'build', str(emb), '--out', str(out)]) == 2  # exists: needs --overwrite
-    assert 'already exists' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'already' in err and '--overwrite' in err
     more = write_embeddings(tmp_path / 'b.emb', [f'{i}.jpg' for i in range(150, 300)], data[150:], root='/p')
     assert main(['index', 'add', str(out), str(more)]) == 2
     assert "50 of 150 ids are already in the index: '150.jpg'" in capsys.readouterr().err
@@ -329,6 +408,15 @@ def test_cli_build_add_info_search(tmp_path: Path, photo_index: tuple[Path, Path
     assert table[0].split() == ['rank', 'score', 'path'] and len(table) == 4 and table[1].split()[0] == '1'
     assert main(['search', str(tmp_path / 'nowhere'), 'x']) == 2
     assert 'not an index dir' in capsys.readouterr().err
+
+
+def test_cli_index_build_overwrite_replaces_the_index(tmp_path: Path, capsys) -> None:
+    emb = write_embeddings(tmp_path / 'a.emb', [f'{i}.jpg' for i in range(200)], clustered(200), root='/p')
+    out = tmp_path / 'a.index'
+    assert main(['index', 'build', str(emb), '--out', str(out), '--kind', 'ivf', '--nprobe', '5']) == 0
+    assert main(['index', 'build', str(emb), '--out', str(out), '--kind', 'flat', '--overwrite']) == 0
+    assert '200 vectors, kind flat' in capsys.readouterr().out
+    assert json.loads((out / 'meta.json').read_text())['kind'] == 'flat' and len(Index.load(out)) == 200
 
 
 def test_embed_job_then_index_then_search(tmp_path: Path, plugin_vit_dir: Path, images: list, capsys) -> None:

@@ -70,7 +70,7 @@ def test_cli_similarity_info_convert(tmp_path, hub_vit_dir, images, capsys):
     assert main(['similarity', str(hub_vit_dir), str(tmp_path / 'cat.png'), '猫', '狗', '--json']) == 0
     probs = json.loads(capsys.readouterr().out)
     assert set(probs) == {'猫', '狗'} and abs(sum(probs.values()) - 1) < 1e-5
-    want = load(hub_vit_dir).similarity(tmp_path / 'cat.png', ['猫', '狗'])[0]
+    want = load(hub_vit_dir).probabilities(tmp_path / 'cat.png', ['猫', '狗'])[0]
     assert torch.allclose(torch.tensor([probs['猫'], probs['狗']]), want)
 
     assert main(['similarity', str(hub_vit_dir), str(tmp_path / 'cat.png'), '猫', '狗']) == 0

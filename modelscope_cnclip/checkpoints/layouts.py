@@ -40,12 +40,14 @@ from modelscope_cnclip.checkpoints.convert import (
 from modelscope_cnclip.config import (
     RESOURCES,
     CLIPConfig,
+    available_models,
     config_from_hub,
     config_to_hub,
     get_config,
     match_architecture,
 )
 from modelscope_cnclip.model import CLIP
+from modelscope_cnclip.pretrained import get_pretrained
 from modelscope_cnclip.tokenizer import DEFAULT_VOCAB
 from modelscope_cnclip.utils import atomic_dir
 
@@ -201,6 +203,12 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith(('.', '/', '~')) and '\\' not in source
 
 
+def _snapshot(hub_id: str, revision: str | None) -> Path:
+    from modelscope.hub.snapshot_download import snapshot_download  # late: the library never imports ModelScope
+    logger.info('downloading %s%s from the ModelScope hub', hub_id, f' (revision {revision})' if revision else '')
+    return Path(snapshot_download(hub_id, revision=revision) if revision else snapshot_download(hub_id))
+
+
 def read_source(source: str | os.PathLike, config: CLIPConfig | str | os.PathLike | None = None,
                 revision: str | None = None) -> Checkpoint:
     """Read weights from any supported source.
@@ -208,11 +216,17 @@ def read_source(source: str | os.PathLike, config: CLIPConfig | str | os.PathLik
     Args:
         source: a model dir (plugin, ModelScope hub or Hugging Face layout; single or sharded weights), a weights
             file (official ``.pt``, a ModelScope trainer's ``epoch_N.pth`` / ``iter_N.pth`` / ``best_*.pth``,
-            ``.bin``, ``.safetensors``, a sharded-weights ``*.index.json``) or a ModelScope hub id (downloaded
-            with ModelScope's hub client).
+            ``.bin``, ``.safetensors``, a sharded-weights ``*.index.json``), a ModelScope hub id, or an architecture
+            name (``'ViT-B-16'``: its published weights, see :func:`modelscope_cnclip.pretrained.list_pretrained`).
+            Hub ids and names are downloaded with ModelScope's hub client; a local path wins over a name.
         config: override the architecture: a :class:`CLIPConfig`, an architecture name or a config JSON path.
             By default it comes from the source's own config files, else from the weights' shapes.
-        revision: hub revision for a hub id.
+        revision: hub revision for a hub id or an architecture name (default for a name: the registry's).
+
+    Raises:
+        FileNotFoundError: no such path, and not a hub id or an architecture name.
+        OSError: the hub download failed (offline, unknown id); the message says what to pass instead.
+        ValueError: an architecture name without published weights; unreadable or mismatching weights.
     """
     cfg = _resolve_config(config)
     path = Path(os.path.expanduser(str(source)))
@@ -222,18 +236,26 @@ def read_source(source: str | os.PathLike, config: CLIPConfig | str | os.PathLik
         sd, detected = to_official(read_checkpoint(path))
         config, guessed = (cfg, ()) if cfg else guess_config(sd)
         return Checkpoint(sd, config, DEFAULT_VOCAB, detected, str(path), guessed)
-    if _looks_like_hub_id(str(source)):
-        from modelscope.hub.snapshot_download import snapshot_download
-        logger.info('downloading %s from the ModelScope hub', source)
+    name = str(source)
+    if name in available_models():  # an architecture name (a local path of that name was read above)
+        weights = get_pretrained(name)
         try:
-            local = snapshot_download(str(source), revision=revision) if revision else snapshot_download(str(source))
+            local = _snapshot(weights.hub_id, revision or weights.revision)
+        except Exception as e:  # the hub client raises its own types; keep the cause, say what to pass instead
+            raise OSError(f'{name!r} names the published weights {weights.describe()}, and downloading them from '
+                          f'the ModelScope hub failed ({e}). Without the hub, {weights.instead()}') from e
+        return replace(_read_dir(local, cfg), source=name)
+    if _looks_like_hub_id(name):
+        try:
+            local = _snapshot(name, revision)
         except Exception as e:  # the hub client raises its own types; keep the cause, name the input
-            raise OSError(f'{str(source)!r} is not a local path, and downloading it as a ModelScope hub id failed: '
+            raise OSError(f'{name!r} is not a local path, and downloading it as a ModelScope hub id failed: '
                           f'{e}') from e
-        return replace(_read_dir(Path(local), cfg), source=str(source))
-    raise FileNotFoundError(f'model source {str(source)!r} not found: give a model dir, a weights file '
-                            f'(.pt/.bin/.safetensors) or a ModelScope hub id like '
-                            f'"damo/multi-modal_clip-vit-base-patch16_zh"')
+        return replace(_read_dir(local, cfg), source=name)
+    raise FileNotFoundError(f'model source {name!r} not found: give a model dir, a weights file '
+                            f'(.pt/.bin/.safetensors), a ModelScope hub id like '
+                            f'"damo/multi-modal_clip-vit-base-patch16_zh" or an architecture name '
+                            f'({", ".join(available_models())})')
 
 
 # --- writers -------------------------------------------------------------------------------------------------------
