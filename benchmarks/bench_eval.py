@@ -5,7 +5,7 @@
 The split is generated once: ``--texts`` texts (one image each) over ``--images`` images, JPEG photos of about
 15-30 KB (``valid_imgs.tsv`` then weighs what MUGE's does), and a tiny random-weight ViT (64 px, one layer), so the
 run measures the evaluation's own memory (encoded images, score matrices), not a model's. Each revision's package
-is extracted with ``git archive`` and run in a fresh process (``PYTHONPATH``), ``cnclip eval --predictions-dir``;
+is extracted with ``git archive`` and run in a fresh process (``PYTHONPATH``), ``cnclip eval --out``;
 peak memory is the process's ``VmHWM``. The metrics and the prediction files of the two revisions are compared.
 """
 from __future__ import annotations
@@ -116,7 +116,7 @@ def extract(rev: str, dst: Path) -> str:
 
 def run_eval(tree: Path, model: Path, data: Path, pred: Path, threads: int, batch: int) -> dict:
     argv = ['eval', str(model), '--data', str(data), '--split', 'valid', '--batch-size', str(batch),
-            '--predictions-dir', str(pred)]
+            '--out', str(pred)]
     code = WORKER.format(threads=threads, argv=argv, peak=PEAK_RSS_GB)
     env = {**os.environ, 'PYTHONPATH': str(tree), 'OMP_NUM_THREADS': str(threads)}
     out = subprocess.run([sys.executable, '-c', code], cwd=tree, env=env, capture_output=True, text=True)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                   f'{"AVX-512" if "avx512f" in flags else "no AVX-512"}; {args.threads} threads.\n')
     report.append(f'Official split: {args.texts:,} texts (one image each) x {args.images:,} images, JPEGs of '
                   f'{kb:.1f} KB on average (valid_imgs.tsv {tsv_gb:.2f} GB); tiny random-weight ViT (64 px, one '
-                  f'layer, embed dim 32); `cnclip eval --batch-size {args.batch} --predictions-dir`, each in a fresh '
+                  f'layer, embed dim 32); `cnclip eval --batch-size {args.batch} --out`, each in a fresh '
                   f'process.\n')
     report.append('| revision | commit | peak RSS | above imports + model | wall time |')
     report.append('|---|---|---|---|---|')

@@ -32,7 +32,7 @@ from common import emit, header  # noqa: E402
 
 from modelscope_cnclip import get_config, load  # noqa: E402
 from modelscope_cnclip.checkpoints.layouts import Checkpoint, write_dir  # noqa: E402
-from modelscope_cnclip.jobs.run import embed_collection  # noqa: E402
+from modelscope_cnclip.jobs import RayOptions, ShardSettings, embed_collection  # noqa: E402
 
 logger = logging.getLogger('bench')
 
@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = []
         out = work / 'photos.emb'
-        r = embed_collection(model, folder, out, batch_size=args.batch, num_threads=args.threads, progress=False)
+        settings = ShardSettings(batch_size=args.batch, num_threads=args.threads)
+        r = embed_collection(model, folder, out, progress=False, settings=settings)
         rows.append(('images, local job', r.embedded, r.seconds, img_ceiling))
-        r = embed_collection(model, folder, out, batch_size=args.batch, progress=False)
+        r = embed_collection(model, folder, out, progress=False, settings=ShardSettings(batch_size=args.batch))
         resume_s = r.seconds
-        r = embed_collection(model, texts, work / 'texts.emb', batch_size=64, progress=False)
+        r = embed_collection(model, texts, work / 'texts.emb', progress=False, settings=ShardSettings(batch_size=64))
         rows.append(('texts, local job', r.embedded, r.seconds, txt_ceiling))
         notes = []
         if not args.no_ray:
@@ -98,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
                 gpus = 1.0 if args.device.startswith(('cuda', 'gpu')) else 0.0
                 shutil.rmtree(work / 'ray.emb', ignore_errors=True)
-                r = embed_collection(model, folder, work / 'ray.emb', batch_size=args.batch, engine='ray',
-                                     shard_size=max(args.batch, args.images // 4), gpus_per_worker=gpus)
+                r = embed_collection(model, folder, work / 'ray.emb', engine='ray',
+                                     settings=ShardSettings(batch_size=args.batch,
+                                                            shard_size=max(args.batch, args.images // 4)),
+                                     ray=RayOptions(gpus_per_worker=gpus))
                 rows.append(('images, Ray engine (local instance, 1 worker; includes actor start and model load)',
                              r.embedded, r.seconds, img_ceiling))
                 ray.shutdown()

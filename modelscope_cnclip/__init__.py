@@ -31,14 +31,15 @@ _EXPORTS = {
     'Checkpoint': 'checkpoints', 'read_source': 'checkpoints', 'convert': 'checkpoints',
     'CNClip': 'inference', 'load': 'inference',
     'Embeddings': 'embeddings', 'load_embeddings': 'embeddings',
-    'EmbedReport': 'jobs', 'embed_collection': 'jobs',
+    'EmbedReport': 'jobs', 'embed_collection': 'jobs', 'ShardSettings': 'jobs', 'RayOptions': 'jobs',
+    'FrameSampling': 'video',
     'Hit': 'index', 'Index': 'index', 'Searcher': 'index',
     'evaluate_zeroshot': 'evaluation',
 }
 __all__ = ['available_models', 'list_pretrained', 'get_config', 'CLIPConfig', 'CLIP', 'Tokenizer', 'get_tokenizer',
            'image_transform', 'load_image', 'set_max_image_pixels', 'Checkpoint', 'read_source', 'convert', 'CNClip',
-           'load', 'Embeddings', 'load_embeddings', 'EmbedReport', 'embed_collection', 'Hit', 'Index', 'Searcher',
-           'evaluate_zeroshot', '__version__']
+           'load', 'Embeddings', 'load_embeddings', 'EmbedReport', 'embed_collection', 'ShardSettings', 'RayOptions',
+           'FrameSampling', 'Hit', 'Index', 'Searcher', 'evaluate_zeroshot', '__version__']
 assert set(__all__) == {*_EXPORTS, '__version__'}
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
@@ -48,11 +49,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from modelscope_cnclip.evaluation import evaluate_zeroshot
     from modelscope_cnclip.index import Hit, Index, Searcher
     from modelscope_cnclip.inference import CNClip, load
-    from modelscope_cnclip.jobs import EmbedReport, embed_collection
+    from modelscope_cnclip.jobs import EmbedReport, RayOptions, ShardSettings, embed_collection
     from modelscope_cnclip.model import CLIP
     from modelscope_cnclip.pretrained import list_pretrained
     from modelscope_cnclip.tokenizer import Tokenizer, get_tokenizer
     from modelscope_cnclip.transform import image_transform, load_image, set_max_image_pixels
+    from modelscope_cnclip.video import FrameSampling
 
 
 def __getattr__(name: str) -> Any:

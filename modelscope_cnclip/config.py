@@ -13,16 +13,41 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, get_args
 
-__all__ = [
-    'CLIPConfig', 'TextConfig', 'VisionConfig', 'PreprocessConfig', 'available_models', 'get_config',
-    'match_architecture', 'config_from_hub', 'config_to_hub', 'OPENAI_MEAN', 'OPENAI_STD'
-]
+__all__ = ['CLIPConfig', 'TextConfig', 'VisionConfig', 'PreprocessConfig', 'available_models', 'get_config',
+           'match_architecture', 'config_from_hub', 'config_to_hub', 'OPENAI_MEAN', 'OPENAI_STD',
+           'Precision', 'PRECISION_NAMES', 'Layout', 'LAYOUTS', 'Modality', 'MODALITIES', 'Engine',
+           'ENGINES', 'SamplingMode', 'SAMPLING_MODES', 'Direction', 'DIRECTIONS', 'DEFAULT_BATCH',
+           'DEFAULT_SHARD_SIZE', 'DEFAULT_NUM_FRAMES', 'DEFAULT_SCHEDULE_TIMEOUT', 'natural_key']
 
 CONFIG_DIR = Path(__file__).with_name('model_configs')
 #: Data files shipped with the package (vocab, configuration.json, zero-shot templates, class names).
 RESOURCES = Path(__file__).with_name('resources')
+
+# --- the choices and defaults of the public API, as data (the CLI takes its choices from here, never a copy) ----
+#: Numeric precisions a model runs in: fp32 (exact), bf16 (fast on AVX512-BF16/AMX CPUs and GPUs), fp16 (GPUs).
+Precision = Literal['fp32', 'bf16', 'fp16']
+PRECISION_NAMES: tuple[str, ...] = get_args(Precision)
+#: Model dir layouts ``convert`` writes: this plugin's, ModelScope's hub layout, transformers' ChineseCLIPModel.
+Layout = Literal['plugin', 'hub', 'hf']
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+#: What an embedding job embeds (``'auto'``: decided from the input).
+Modality = Literal['auto', 'image', 'text', 'video']
+MODALITIES: tuple[str, ...] = get_args(Modality)[1:]
+#: Where an embedding job runs.
+Engine = Literal['local', 'ray']
+ENGINES: tuple[str, ...] = get_args(Engine)
+#: How video frames are picked (``FrameSampling.mode``).
+SamplingMode = Literal['uniform', 'fps']
+SAMPLING_MODES: tuple[str, ...] = get_args(SamplingMode)
+#: Retrieval directions: text-to-image, image-to-text.
+Direction = Literal['t2i', 'i2t']
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
+DEFAULT_BATCH = 64  # inputs per forward pass when embedding through the API
+DEFAULT_SHARD_SIZE = 1024  # inputs per embeddings-dir shard
+DEFAULT_NUM_FRAMES = 8  # video frames sampled per video
+DEFAULT_SCHEDULE_TIMEOUT = 600.0  # seconds a Ray job waits for a node: long enough for an autoscaler to boot one
 
 # The normalisation constants of CLIP/Chinese-CLIP; the only place they are written down.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -4,17 +4,20 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from modelscope_cnclip.checkpoints.convert import load_strict
 from modelscope_cnclip.checkpoints.layouts import Checkpoint, read_source
-from modelscope_cnclip.config import CLIPConfig, match_architecture
+from modelscope_cnclip.config import DEFAULT_BATCH, CLIPConfig, match_architecture
 from modelscope_cnclip.model import CLIP
 from modelscope_cnclip.tokenizer import Tokenizer, check_texts
 from modelscope_cnclip.transform import ImageInput, ImageTransform, as_image_batch
+
+if TYPE_CHECKING:
+    from modelscope_cnclip.video import FrameSampling
 
 __all__ = ['PRECISIONS', 'resolve_device', 'resolve_dtype', 'build_model', 'encode_images', 'encode_texts',
            'check_token_ids', 'as_image_batch', 'as_text_batch', 'CNClip', 'load']
@@ -22,7 +25,6 @@ __all__ = ['PRECISIONS', 'resolve_device', 'resolve_dtype', 'build_model', 'enco
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
-DEFAULT_BATCH = 64
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -264,13 +266,14 @@ class CNClip:
         """
         return encode_texts(self.model, self.tokenizer, as_text_batch(texts), batch_size, normalize=normalize)
 
-    def encode_video(self, videos: Any, num_frames: int = 8, mode: str = 'uniform', sample_fps: float = 1.0,
-                     max_frames: int | None = None, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
-        """L2-normalised video embeddings ``(N, D)`` of one video (path, URL, bytes) or a list: sampled frames
-        embedded as images, mean-pooled, renormalised (needs decord; see :func:`modelscope_cnclip.video.encode_videos`
-        for the sampling and for skipping unreadable videos)."""
-        from modelscope_cnclip.video import encode_videos  # decord is an optional extra
-        return encode_videos(self, videos, num_frames, mode, sample_fps, max_frames, batch_size).embeddings
+    def encode_video(self, videos: Any, sampling: FrameSampling | None = None, *,
+                     batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
+        """L2-normalised video embeddings ``(N, D)`` of one video (path, URL, bytes) or a list: the frames that
+        ``sampling`` picks (:class:`~modelscope_cnclip.video.FrameSampling`; default 8 segment centres) embedded as
+        images, mean-pooled, renormalised. Needs decord; :func:`modelscope_cnclip.video.encode_videos` also skips
+        unreadable videos."""
+        from modelscope_cnclip.video import FrameSampling, encode_videos  # decord is an optional extra
+        return encode_videos(self, videos, FrameSampling.of(sampling), batch_size=batch_size).embeddings
 
     def similarity(self, images: ImageInput | Sequence[ImageInput], texts: str | Sequence[str], *,
                    batch_size: int = DEFAULT_BATCH) -> torch.Tensor:

@@ -3,13 +3,16 @@
 Videos live in the image embedding space, so a text or an image query searches videos with the same index.
 decord is an optional dependency (``pip install "modelscope_cnclip[video]"``), imported only when a video is read.
 
-Frame policy (``mode='uniform'``): the video is cut into ``num`` equal segments and the centre frame of each
-is taken, ``index_i = floor((i + 1/2) * num_frames / num)``. Every frame then stands for the same share of the
-video, so the mean of their embeddings weighs the whole video evenly (including both ends would give the first
-and last frames half a segment each and over-weight the boundaries), and the sample stays clear of the first
-frame (often black, a fade-in or a title card) and of the last one (often a fade-out, and the frame decord most
-often fails to decode when a file's index is broken). It never reaches ``num_frames``; a video with fewer than
-``num`` frames gives each of its frames once.
+Which frames are embedded is a :class:`FrameSampling` (``mode``, ``num_frames``, ``sample_fps``, ``max_frames``),
+the one bundle every function and the CLI pass along.
+
+Frame policy (``mode='uniform'``): the video is cut into ``num_frames`` equal segments and the centre frame of each
+is taken, ``index_i = floor((i + 1/2) * total / num_frames)`` for a video of ``total`` frames. Every frame then
+stands for the same share of the video, so the mean of their embeddings weighs the whole video evenly (including
+both ends would give the first and last frames half a segment each and over-weight the boundaries), and the sample
+stays clear of the first frame (often black, a fade-in or a title card) and of the last one (often a fade-out, and
+the frame decord most often fails to decode when a file's index is broken). It never reaches ``total``; a video with
+fewer than ``num_frames`` frames gives each of its frames once.
 
 Time, not frame numbers: segments (``'uniform'``) and sample times (``'fps'``) are measured in seconds, and the
 frame taken for a time is the one on screen then, read from the container's frame timestamps. A variable frame
@@ -32,30 +35,31 @@ import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from modelscope_cnclip.config import DEFAULT_NUM_FRAMES, SAMPLING_MODES, SamplingMode
 from modelscope_cnclip.transform import ImageTransform
 from modelscope_cnclip.utils import default_threads, fetch_url, map_ahead
 
 if TYPE_CHECKING:
     from modelscope_cnclip.inference import CNClip
 
-__all__ = ['SAMPLING_MODES', 'VideoInput', 'VideoError', 'VideoFailure', 'EncodedVideos',
-           'check_sampling', 'sample_indices', 'read_frames', 'load_videos', 'pool_frames', 'encode_videos',
+__all__ = ['SAMPLING_MODES', 'FrameSampling', 'DEFAULT_SAMPLING', 'VideoInput', 'VideoError', 'VideoFailure',
+           'EncodedVideos', 'sample_indices', 'read_frames', 'load_videos', 'pool_frames', 'encode_videos',
            'as_video_batch']
 
 logger = logging.getLogger(__name__)
 
 VideoInput = Union[str, os.PathLike, bytes, bytearray, memoryview]
-SAMPLING_MODES = ('uniform', 'fps')
 DEFAULT_BATCH = 64  # frames per model call
 INSTALL_HINT = 'pip install "modelscope_cnclip[video]"'
 _ACCEPTED = 'a file path, a pathlib.Path, an http(s) URL or the encoded bytes of a video file'
@@ -99,20 +103,72 @@ def _decord() -> ModuleType:
     return decord
 
 
-def check_sampling(num: int = 8, mode: str = 'uniform', sample_fps: float = 1.0,
-                   max_frames: int | None = None) -> None:
-    """Validate frame-sampling arguments (before any video is read, so a typo is not reported per video)."""
-    if mode not in SAMPLING_MODES:
-        raise ValueError(f'mode={mode!r}: choose one of {list(SAMPLING_MODES)}')
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f'num_frames={num!r}: expected an int >= 1 (frames sampled per video)')
-    if mode == 'fps':
-        if not (isinstance(sample_fps, (int, float)) and math.isfinite(sample_fps) and sample_fps > 0):
-            raise ValueError(f'sample_fps={sample_fps!r}: expected a number > 0 (frames sampled per second)')
-        if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
-            raise ValueError(f'max_frames={max_frames!r}: expected an int >= 1 or None (no cap)')
-    elif max_frames is not None:
-        raise ValueError(f"max_frames={max_frames!r} caps mode='fps'; with mode='uniform' num_frames sets the count")
+@dataclass(frozen=True)
+class FrameSampling:
+    """Which frames of a video are embedded (validated on creation; see the module docstring).
+
+    Attributes:
+        num_frames: ``'uniform'``: how many frames (the centre frame of each of ``num_frames`` equal-duration
+            segments; every frame once for a shorter video).
+        mode: ``'uniform'`` or ``'fps'`` (one frame every ``1 / sample_fps`` seconds from the first frame, the one
+            on screen at that time).
+        sample_fps: ``'fps'``: frames per second.
+        max_frames: ``'fps'``: keep at most this many of those frames, spread uniformly over them (``None``: all).
+
+    Raises:
+        ValueError: an unknown mode, a count that is not a whole number >= 1, a rate that is not > 0, or
+            ``max_frames`` with ``mode='uniform'`` (where ``num_frames`` sets the count).
+    """
+
+    num_frames: int = DEFAULT_NUM_FRAMES
+    mode: SamplingMode = 'uniform'
+    sample_fps: float = 1.0
+    max_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in SAMPLING_MODES:
+            raise ValueError(f'mode={self.mode!r}: choose one of {list(SAMPLING_MODES)}')
+        if isinstance(self.num_frames, bool) or not isinstance(self.num_frames, int) or self.num_frames < 1:
+            raise ValueError(f'num_frames={self.num_frames!r}: expected an int >= 1 (frames sampled per video)')
+        if self.mode == 'fps':
+            if not (isinstance(self.sample_fps, (int, float)) and math.isfinite(self.sample_fps)
+                    and self.sample_fps > 0):
+                raise ValueError(f'sample_fps={self.sample_fps!r}: expected a number > 0 (frames sampled per second)')
+            if self.max_frames is not None and (not isinstance(self.max_frames, int) or self.max_frames < 1):
+                raise ValueError(f'max_frames={self.max_frames!r}: expected an int >= 1 or None (no cap)')
+        elif self.max_frames is not None:
+            raise ValueError(f"max_frames={self.max_frames!r} caps mode='fps'; with mode='uniform' num_frames sets "
+                             f"the count")
+
+    @classmethod
+    def of(cls, value: FrameSampling | Mapping[str, Any] | None) -> FrameSampling:
+        """A :class:`FrameSampling` from itself, a mapping of its fields (a JSON configuration) or ``None``
+        (the default).
+
+        Raises:
+            TypeError: another type, or unknown fields (named). ValueError: invalid values.
+        """
+        if value is None:
+            return DEFAULT_SAMPLING
+        if isinstance(value, FrameSampling):
+            return value
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {f.name for f in fields(cls)})
+            if unknown:
+                raise TypeError(f'sampling: unknown field(s) {unknown}; FrameSampling has '
+                                f'{[f.name for f in fields(cls)]}')
+            return cls(**value)
+        raise TypeError(f'sampling: expected a FrameSampling or a dict of its fields, got {type(value).__name__}')
+
+    def recorded(self) -> dict[str, Any]:
+        """The fields that change which frames are taken (what an embeddings dir records): ``'uniform'``: mode and
+        num_frames; ``'fps'``: mode, sample_fps and max_frames."""
+        used = ('mode', 'num_frames') if self.mode == 'uniform' else ('mode', 'sample_fps', 'max_frames')
+        return {k: v for k, v in asdict(self).items() if k in used}
+
+
+#: 8 frames, the centres of 8 equal segments (the default everywhere)
+DEFAULT_SAMPLING = FrameSampling()
 
 
 def _spread(n: int, num: int) -> list[int]:
@@ -176,20 +232,18 @@ def _shown_at(starts: np.ndarray, times: np.ndarray) -> np.ndarray:
     return (np.searchsorted(starts, times + _TIME_TOL, side='right') - 1).clip(0, len(starts) - 1)
 
 
-def sample_indices(num_frames: int, fps: float, num: int = 8, mode: str = 'uniform', sample_fps: float = 1.0,
-                   max_frames: int | None = None, timestamps: Any = None) -> list[int]:
-    """Which frames of a video to embed: sorted, distinct indices in ``[0, num_frames)``.
+def sample_indices(total: int, fps: float, sampling: FrameSampling = DEFAULT_SAMPLING, *,
+                   timestamps: Any = None) -> list[int]:
+    """Which frames of a video to embed: sorted, distinct indices in ``[0, total)``.
 
     Args:
-        num_frames: frames in the video.
+        total: frames in the video.
         fps: its average frame rate (read in ``'fps'`` mode, and to tell a constant rate from ``timestamps``).
-        num: ``'uniform'``: how many frames; the centre frame of each of ``num`` equal segments of the video's
-            duration (see the module docstring), or every frame once when the video is shorter.
-        mode: ``'uniform'`` or ``'fps'``: one frame every ``1 / sample_fps`` seconds from the first frame (the
-            frame shown at that time), every frame once when ``sample_fps >= fps`` at a constant rate.
-        sample_fps: frames per second in ``'fps'`` mode.
-        max_frames: ``'fps'`` mode: keep at most this many of those frames, spread uniformly over them as above.
-        timestamps: optional ``(num_frames, 2)`` float seconds, each frame's display start and end in
+        sampling: which frames (:class:`FrameSampling`): ``'uniform'`` takes the centre frame of each of
+            ``num_frames`` equal segments of the video's duration, or every frame once when the video is shorter;
+            ``'fps'`` one frame every ``1 / sample_fps`` seconds from the first frame (the frame shown at that
+            time), every frame once when ``sample_fps >= fps`` at a constant rate, at most ``max_frames``.
+        timestamps: optional ``(total, 2)`` float seconds, each frame's display start and end in
             presentation order (decord's ``get_frame_timestamp``, PyAV's ``pts`` and ``duration``). Unless they are
             those of the constant rate ``fps`` (which samples exactly as without them), segments and sample
             times are placed by them; the end of the last frame is the video's end. ``'fps'`` mode then needs no
@@ -197,16 +251,15 @@ def sample_indices(num_frames: int, fps: float, num: int = 8, mode: str = 'unifo
 
     Raises:
         ValueError: a video with no frames, a frame rate that is not a positive number in ``'fps'`` mode without
-            usable ``timestamps``, timestamps of the wrong shape, not finite or not strictly increasing, or
-            invalid arguments.
+            usable ``timestamps``, or timestamps of the wrong shape, not finite or not strictly increasing.
     """
-    check_sampling(num, mode, sample_fps, max_frames)
-    if num_frames < 1:
-        raise ValueError(f'the video has no frames (num_frames={num_frames}): nothing to sample')
-    clock = _clock(timestamps, num_frames, fps)
+    num, mode, sample_fps, max_frames = sampling.num_frames, sampling.mode, sampling.sample_fps, sampling.max_frames
+    if total < 1:
+        raise ValueError(f'the video has no frames (total={total}): nothing to sample')
+    clock = _clock(timestamps, total, fps)
     if mode == 'uniform':
-        if clock is None or num_frames <= num:
-            return _spread(num_frames, num)
+        if clock is None or total <= num:
+            return _spread(total, num)
         starts, end = clock
         return np.unique(_shown_at(starts, starts[0] + (np.arange(num) + 0.5) * (end - starts[0]) / num)).tolist()
     if clock is not None:
@@ -218,9 +271,9 @@ def sample_indices(num_frames: int, fps: float, num: int = 8, mode: str = 'unifo
             raise ValueError(f"frame rate {fps!r} is not a positive number and there are no frame timestamps, so "
                              f"mode='fps' cannot time frames; use mode='uniform'")
         step = fps / sample_fps  # frames between samples
-        count = max(1, math.ceil(num_frames / step - 1e-9))  # samples at t = k / sample_fps < duration
+        count = max(1, math.ceil(total / step - 1e-9))  # samples at t = k / sample_fps < duration
         # The frame shown at time t is floor(t * fps); the epsilon keeps k * step = 9.9999999 on frame 10.
-        picks = np.floor(np.arange(count) * step + 1e-6).astype(np.int64).clip(0, num_frames - 1)
+        picks = np.floor(np.arange(count) * step + 1e-6).astype(np.int64).clip(0, total - 1)
     return _cap(np.unique(picks).tolist(), max_frames)  # sample_fps > fps maps several samples to one frame
 
 
@@ -467,8 +520,8 @@ def _decode_with_pyav(source: str | bytes, pick: Callable[..., list[int]], what:
         raise VideoError(f'cannot read video {what}: PyAV decodes its frames as {e}') from None
 
 
-def read_frames(source: VideoInput, num_frames: int = 8, mode: str = 'uniform', sample_fps: float = 1.0,
-                max_frames: int | None = None, num_threads: int = 2, timeout: float = 30.0) -> list[Image.Image]:
+def read_frames(video: VideoInput, sampling: FrameSampling = DEFAULT_SAMPLING, *, num_threads: int = 2,
+                timeout: float = 30.0) -> list[Image.Image]:
     """Decode the sampled frames of one video (see :func:`sample_indices`) as RGB PIL images, in time order.
 
     Frames are sampled by the container's frame timestamps (see the module docstring) and decoded with decord;
@@ -476,9 +529,8 @@ def read_frames(source: VideoInput, num_frames: int = 8, mode: str = 'uniform', 
     optional dependency) instead.
 
     Args:
-        source: a file path (str or ``os.PathLike``), an http(s) URL, or the encoded bytes of a video file.
-        num_frames, mode, sample_fps, max_frames: the sampling, as in :func:`sample_indices` (``num_frames`` is
-            its ``num``).
+        video: a file path (str or ``os.PathLike``), an http(s) URL, or the encoded bytes of a video file.
+        sampling: which frames (:class:`FrameSampling`, see :func:`sample_indices`).
         num_threads: decoding threads for this video.
         timeout: seconds allowed for a URL download.
 
@@ -488,14 +540,13 @@ def read_frames(source: VideoInput, num_frames: int = 8, mode: str = 'uniform', 
         FileNotFoundError: a path that does not exist. TypeError: an unsupported input. ImportError: decord is not
         installed.
     """
-    check_sampling(num_frames, mode, sample_fps, max_frames)
     decord = _decord()
-    what = _what(source)
-    data = _video_bytes(source, timeout)
+    what = _what(video)
+    data = _video_bytes(video, timeout)
     if data is None:
-        path = Path(source)  # type: ignore[arg-type]
+        path = Path(video)  # type: ignore[arg-type]
         if not path.is_file():
-            raise FileNotFoundError(f'video file {str(source)!r} not found (looked in {path.resolve().parent})')
+            raise FileNotFoundError(f'video file {str(video)!r} not found (looked in {path.resolve().parent})')
         if path.stat().st_size == 0:
             raise VideoError(f'cannot read video {what}: the file is empty (0 bytes)')
         uri: Any = os.fspath(path)
@@ -513,7 +564,7 @@ def read_frames(source: VideoInput, num_frames: int = 8, mode: str = 'uniform', 
             raise VideoError(f'cannot read video {what}: {_reason(e)}') from None
 
     def pick(total: int, fps: float, times: np.ndarray | None = None) -> list[int]:
-        return sample_indices(total, fps, num_frames, mode, sample_fps, max_frames, times)
+        return sample_indices(total, fps, sampling, timestamps=times)
 
     try:
         indices, frames = _decode(open_reader, pick, what, errors, num_threads)
@@ -560,21 +611,20 @@ def _workers(num_workers: int) -> int:
     return num_workers or default_threads(4)
 
 
-def _frame_loader(transform: ImageTransform, num_frames: int, mode: str, sample_fps: float,
-                  max_frames: int | None, threads: int) -> Callable[[VideoInput], np.ndarray]:
+def _frame_loader(transform: ImageTransform, sampling: FrameSampling,
+                  threads: int) -> Callable[[VideoInput], np.ndarray]:
     def load(video: VideoInput) -> np.ndarray:  # (F, R, R, 3) uint8, preprocessed exactly as images are
-        frames = read_frames(video, num_frames, mode, sample_fps, max_frames, num_threads=threads)
+        frames = read_frames(video, sampling, num_threads=threads)
         return np.stack([transform.to_uint8(f) for f in frames])
     return load
 
 
-def load_videos(videos: Sequence[VideoInput], transform: ImageTransform, num_frames: int = 8, mode: str = 'uniform',
-                sample_fps: float = 1.0, max_frames: int | None = None, num_workers: int = 0) -> list[np.ndarray]:
+def load_videos(videos: Sequence[VideoInput], transform: ImageTransform, sampling: FrameSampling = DEFAULT_SAMPLING,
+                *, num_workers: int = 0) -> list[np.ndarray]:
     """Sample and resize the frames of each video -> one ``(F_i, R, R, 3)`` uint8 array per video (normalise with
     ``transform.normalize``). Errors name the failing ``video[index]``."""
-    check_sampling(num_frames, mode, sample_fps, max_frames)
     workers = _workers(num_workers)
-    load = _frame_loader(transform, num_frames, mode, sample_fps, max_frames, 1 if workers > 1 else 2)
+    load = _frame_loader(transform, sampling, 1 if workers > 1 else 2)
     out = []
     for i, _, result in _read_ahead(list(videos), load, workers, 2 * workers):
         if isinstance(result, Exception):
@@ -593,9 +643,9 @@ def pool_frames(frames: torch.Tensor, counts: Sequence[int] | torch.Tensor) -> t
     return F.normalize(torch.stack([chunk.mean(0) for chunk in frames.split(counts)]), dim=-1)
 
 
-def encode_videos(model: CNClip, videos: VideoInput | Sequence[VideoInput], num_frames: int = 8,
-                  mode: str = 'uniform', sample_fps: float = 1.0, max_frames: int | None = None,
-                  batch_size: int = DEFAULT_BATCH, skip_errors: bool = False, num_workers: int = 0) -> EncodedVideos:
+def encode_videos(model: CNClip, videos: VideoInput | Sequence[VideoInput], sampling: FrameSampling = DEFAULT_SAMPLING,
+                  *, batch_size: int = DEFAULT_BATCH, skip_errors: bool = False,
+                  num_workers: int = 0) -> EncodedVideos:
     """Embed videos: sampled frames embedded as images, mean-pooled per video, renormalised.
 
     Frames of several videos share each model call; videos are read in ``num_workers`` threads ahead of it.
@@ -603,7 +653,7 @@ def encode_videos(model: CNClip, videos: VideoInput | Sequence[VideoInput], num_
     Args:
         model: a loaded :class:`~modelscope_cnclip.CNClip`.
         videos: one video input (path, URL or bytes) or a list of them.
-        num_frames, mode, sample_fps, max_frames: the frame sampling (see :func:`sample_indices`).
+        sampling: which frames (:class:`FrameSampling`, see :func:`sample_indices`).
         batch_size: frames per model call.
         skip_errors: list the videos that cannot be read in ``failed`` (with the reason) and go on, instead of
             raising on the first.
@@ -616,12 +666,11 @@ def encode_videos(model: CNClip, videos: VideoInput | Sequence[VideoInput], num_
 
     Raises:
         VideoError, FileNotFoundError, TypeError: a video that cannot be read (message starts ``video[i]:``),
-        unless ``skip_errors``. ValueError: invalid sampling arguments (always).
+        unless ``skip_errors``.
     """
-    check_sampling(num_frames, mode, sample_fps, max_frames)
     items = as_video_batch(videos)
     workers = _workers(num_workers)
-    load = _frame_loader(model.transform, num_frames, mode, sample_fps, max_frames, 1 if workers > 1 else 2)
+    load = _frame_loader(model.transform, sampling, 1 if workers > 1 else 2)
     failed: list[VideoFailure] = []
     outs: list[torch.Tensor] = []
     arrays: list[np.ndarray] = []
@@ -631,7 +680,7 @@ def encode_videos(model: CNClip, videos: VideoInput | Sequence[VideoInput], num_
         outs.append(pool_frames(model.encode_image(pixels, batch_size), [len(a) for a in arrays]))
         arrays.clear()
 
-    for i, video, result in _read_ahead(items, load, workers, 2 * workers + batch_size // num_frames):
+    for i, video, result in _read_ahead(items, load, workers, 2 * workers + batch_size // sampling.num_frames):
         if isinstance(result, Exception):
             if not skip_errors:
                 raise _indexed(result, i) from None

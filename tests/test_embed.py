@@ -15,8 +15,20 @@ from modelscope_cnclip import load
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.data import make_synthetic_split, write_lmdb_split
 from modelscope_cnclip.embeddings import existing_shards, load_embeddings, read_shard, shard_path
+from modelscope_cnclip.jobs import RayOptions, ShardSettings
 from modelscope_cnclip.jobs.collection import open_collection
 from modelscope_cnclip.jobs.run import embed_collection
+from modelscope_cnclip.video import FrameSampling
+
+
+def uniform(n: int) -> FrameSampling:
+    """Centre frames of ``n`` equal segments."""
+    return FrameSampling(num_frames=n)
+
+
+def by_fps(**fields) -> FrameSampling:
+    """Frames by time: ``sample_fps`` a second, at most ``max_frames``."""
+    return FrameSampling(mode='fps', **fields)
 
 
 def _photo(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -92,7 +104,7 @@ def test_excel_csv_with_a_bom_and_a_named_id_column(tmp_path: Path) -> None:
 
 def test_embed_folder_matches_encode_image_and_reports_failures(model, photo_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / 'photos.emb'
-    report = embed_collection(model, photo_dir, out, shard_size=3, batch_size=2)
+    report = embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=3, batch_size=2))
     assert (report.total, report.embedded, report.failed, report.shards) == (8, 7, 1, 3)
     emb = load_embeddings(out)
     assert 'broken.jpg' not in emb.ids and len(emb) == 7
@@ -115,7 +127,7 @@ def test_batches_sized_by_the_user_or_automatically(model, photo_dir: Path, tmp_
         sizes.append(len(pixels))
         return real(pixels, batch_size=batch_size)
     monkeypatch.setattr(model, 'encode_image', spy)
-    embed_collection(model, photo_dir, tmp_path / 'a.emb', batch_size=3)
+    embed_collection(model, photo_dir, tmp_path / 'a.emb', settings=ShardSettings(batch_size=3))
     assert sizes == [3, 3, 1]  # 7 readable images
     sizes.clear()
     assert embed_mod.auto_batch_size(model, 'image') == 16 and embed_mod.auto_batch_size(model, 'text') == 64
@@ -124,9 +136,9 @@ def test_batches_sized_by_the_user_or_automatically(model, photo_dir: Path, tmp_
 
 
 def test_resume_skips_written_shards_and_gives_the_same_result(model, photo_dir: Path, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     full = tmp_path / 'full.emb'
-    embed_collection(model, photo_dir, full, shard_size=2, batch_size=2)
+    embed_collection(model, photo_dir, full, settings=ShardSettings(shard_size=2, batch_size=2))
     out = tmp_path / 'resumed.emb'
     calls = []
     real = embed_mod.embed_shard
@@ -138,35 +150,35 @@ def test_resume_skips_written_shards_and_gives_the_same_result(model, photo_dir:
         return real(*args, **kw)
     monkeypatch.setattr(embed_mod, 'embed_shard', crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        embed_collection(model, photo_dir, out, shard_size=2, batch_size=2)
+        embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=2, batch_size=2))
     assert existing_shards(out) == [0, 1]
     with pytest.raises(ValueError, match='not finished'):
         load_embeddings(out)
     assert len(load_embeddings(out, allow_incomplete=True)) == 3  # broken.jpg is in shard 1
     calls.clear()
     monkeypatch.setattr(embed_mod, 'embed_shard', real)
-    report = embed_collection(model, photo_dir, out, shard_size=2, batch_size=2)
+    report = embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=2, batch_size=2))
     assert report.shards_resumed == 2
     a, b = load_embeddings(full), load_embeddings(out)
     assert a.ids == b.ids
     np.testing.assert_array_equal(a.vectors, b.vectors)
     # A complete job rerun does nothing; another job into the same dir is refused; --overwrite replaces it.
-    assert embed_collection(model, photo_dir, out, shard_size=2).shards_resumed == 4
+    assert embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=2)).shards_resumed == 4
     with pytest.raises(ValueError, match='shard size differs'):
-        embed_collection(model, photo_dir, out, shard_size=3)
+        embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=3))
     (photo_dir / 'new.png').write_bytes((photo_dir / 'b.png').read_bytes())
     with pytest.raises(ValueError, match='inputs differs'):
-        embed_collection(model, photo_dir, out, shard_size=2)
-    assert embed_collection(model, photo_dir, out, shard_size=2, overwrite=True).embedded == 8
+        embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=2))
+    assert embed_collection(model, photo_dir, out, overwrite=True, settings=ShardSettings(shard_size=2)).embedded == 8
 
 
 def test_half_written_shard_is_never_taken_as_complete(model, photo_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / 'x.emb'
-    embed_collection(model, photo_dir, out, shard_size=4)
+    embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=4))
     tmp = shard_path(out, 1).with_name('.00001.npz.abc.tmp')
     shard_path(out, 1).rename(tmp)  # as if the writer died before its rename
     assert existing_shards(out) == [0]
-    assert embed_collection(model, photo_dir, out, shard_size=4).shards_resumed == 1
+    assert embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=4)).shards_resumed == 1
     ids, _, vectors, failed = read_shard(shard_path(out, 1))
     assert len(ids) + len(failed) == 4 and vectors.shape == (len(ids), model.config.embed_dim)
 
@@ -242,12 +254,13 @@ def test_ray_engine_writes_the_same_embeddings(plugin_vit_dir: Path, photo_dir: 
     """A local Ray instance runs the job (in a subprocess, so Ray's workers never share this test process)."""
     pytest.importorskip('ray')
     local = tmp_path / 'local.emb'
-    embed_collection(load(plugin_vit_dir), photo_dir, local, shard_size=3)
+    embed_collection(load(plugin_vit_dir), photo_dir, local, settings=ShardSettings(shard_size=3))
     out = tmp_path / 'ray.emb'
-    code = ('import sys, json, ray; from modelscope_cnclip.jobs.run import embed_collection; '
+    code = ('import sys, json, ray; from modelscope_cnclip.jobs import RayOptions, ShardSettings, embed_collection; '
             'ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False); '
-            f'r = embed_collection({str(plugin_vit_dir)!r}, {str(photo_dir)!r}, {str(out)!r}, shard_size=3, '
-            'engine="ray", num_workers=2); print(json.dumps(r.to_dict()))')
+            f'r = embed_collection({str(plugin_vit_dir)!r}, {str(photo_dir)!r}, {str(out)!r}, '
+            'settings=ShardSettings(shard_size=3), engine="ray", ray=RayOptions(workers=2)); '
+            'print(json.dumps(r.to_dict()))')
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -267,11 +280,12 @@ def test_video_folder(model, tmp_path: Path) -> None:
     write_video(d / 'trips' / 'b.avi', textured(2, 20))
     (d / 'broken.mp4').write_bytes(b'\x00\x00\x00\x18ftypmp42 truncated')
     (d / 'still.jpg').write_bytes(b'not scanned in a video job')
-    report = embed_collection(model, d, tmp_path / 'v.emb', modality='video', num_frames=4)
+    report = embed_collection(model, d, tmp_path / 'v.emb', modality='video',
+                              settings=ShardSettings(sampling=uniform(4)))
     assert (report.embedded, report.failed) == (2, 1)
     emb = load_embeddings(tmp_path / 'v.emb')
     assert emb.ids == ['a.mp4', 'trips/b.avi'] and emb.failed[0]['id'] == 'broken.mp4'
-    expected = model.encode_video([str(d / 'a.mp4'), str(d / 'trips' / 'b.avi')], num_frames=4).numpy()
+    expected = model.encode_video([str(d / 'a.mp4'), str(d / 'trips' / 'b.avi')], uniform(4)).numpy()
     np.testing.assert_allclose(emb.vectors, expected, atol=1e-5)
     # Videos are searched with the same index and Searcher as images: a frame of b finds b first.
     pytest.importorskip('faiss')
@@ -288,15 +302,17 @@ def test_video_folder(model, tmp_path: Path) -> None:
 def test_options_that_change_vectors_are_recorded_and_compared(plugin_vit_dir: Path, photo_dir: Path,
                                                                tmp_path: Path) -> None:
     out = tmp_path / 'p.emb'
-    embed_collection(plugin_vit_dir, photo_dir, out, shard_size=2)
+    embed_collection(plugin_vit_dir, photo_dir, out, settings=ShardSettings(shard_size=2))
     assert load_embeddings(out).meta['options'] == {'precision': 'fp32', 'fast_decode': False}
     for kwargs, named in (({'fast_decode': True}, "option fast_decode differs: False there, True now"),
                           ({'precision': 'bf16'}, "precision differs: 'fp32' there, 'bf16' now")):
         with pytest.raises(ValueError, match=named):
-            embed_collection(plugin_vit_dir, photo_dir, out, shard_size=2, **kwargs)
-    report = embed_collection(plugin_vit_dir, photo_dir, out, shard_size=2, fast_decode=True, overwrite=True)
+            embed_collection(plugin_vit_dir, photo_dir, out, settings=ShardSettings(shard_size=2), **kwargs)
+    report = embed_collection(plugin_vit_dir, photo_dir, out, fast_decode=True, overwrite=True,
+                              settings=ShardSettings(shard_size=2))
     assert report.shards_resumed == 0 and load_embeddings(out).meta['options']['fast_decode'] is True
-    assert embed_collection(plugin_vit_dir, photo_dir, out, shard_size=2, fast_decode=True).shards_resumed == 4
+    assert embed_collection(plugin_vit_dir, photo_dir, out, fast_decode=True,
+                            settings=ShardSettings(shard_size=2)).shards_resumed == 4
 
 
 def test_video_sampling_is_part_of_the_job(model, tmp_path: Path, capsys) -> None:
@@ -307,20 +323,22 @@ def test_video_sampling_is_part_of_the_job(model, tmp_path: Path, capsys) -> Non
     d.mkdir()
     write_video(d / 'a.mp4', textured(1, 12))
     out = tmp_path / 'v.emb'
-    embed_collection(model, d, out, modality='video', num_frames=2)
+    embed_collection(model, d, out, modality='video', settings=ShardSettings(sampling=uniform(2)))
     assert load_embeddings(out).meta['options']['video'] == {'mode': 'uniform', 'num_frames': 2}
     with pytest.raises(ValueError, match="option video.num_frames differs: 2 there, 4 now"):
-        embed_collection(model, d, out, modality='video', num_frames=4)
+        embed_collection(model, d, out, modality='video', settings=ShardSettings(sampling=uniform(4)))
     with pytest.raises(ValueError, match="option video.mode differs: 'uniform' there, 'fps' now"):
-        embed_collection(model, d, out, modality='video', mode='fps')
+        embed_collection(model, d, out, modality='video', settings=ShardSettings(sampling=by_fps()))
     # sample_fps does not change uniform sampling: the same job, resumed
-    assert embed_collection(model, d, out, modality='video', num_frames=2, sample_fps=5).shards_resumed == 1
+    assert embed_collection(model, d, out, modality='video',
+                            settings=ShardSettings(sampling=FrameSampling(2, sample_fps=5))).shards_resumed == 1
     fps = tmp_path / 'f.emb'
-    embed_collection(model, d, fps, modality='video', mode='fps', sample_fps=2)
+    embed_collection(model, d, fps, modality='video', settings=ShardSettings(sampling=by_fps(sample_fps=2)))
     with pytest.raises(ValueError, match='option video.sample_fps differs: 2 there, 4 now'):
-        embed_collection(model, d, fps, modality='video', mode='fps', sample_fps=4)
+        embed_collection(model, d, fps, modality='video', settings=ShardSettings(sampling=by_fps(sample_fps=4)))
     with pytest.raises(ValueError, match='option video.max_frames differs: None there, 3 now'):
-        embed_collection(model, d, fps, modality='video', mode='fps', sample_fps=2, max_frames=3)
+        capped = ShardSettings(sampling=by_fps(sample_fps=2, max_frames=3))
+        embed_collection(model, d, fps, modality='video', settings=capped)
     # the CLI passes its frame options also when --modality auto finds a video column, and names what differs
     (tmp_path / 'clips.jsonl').write_text(json.dumps({'id': 'a', 'video': str(d / 'a.mp4')}) + '\n')
     cli_out = tmp_path / 'cli.emb'
@@ -336,22 +354,27 @@ def test_video_sampling_is_part_of_the_job(model, tmp_path: Path, capsys) -> Non
 
 def test_invalid_options_are_refused_before_anything_starts(photo_dir: Path, tmp_path: Path, capsys) -> None:
     # the model does not exist: the option error comes first, before any loading, under either engine
-    for engine in ('local', 'ray'):
-        for kwargs, match in (({'num_frames': 0}, 'num_frames=0: expected an int >= 1'),
-                              ({'mode': 'fps', 'sample_fps': 0}, 'sample_fps=0: expected a number > 0'),
-                              ({'batch_size': 0}, 'batch_size=0: expected a whole number >= 1'),
-                              ({'num_workers': 0}, 'num_workers=0'), ({'gpus_per_worker': -1}, 'gpus_per_worker=-1'),
-                              ({'schedule_timeout': -1}, 'schedule_timeout=-1: expected seconds >= 0'),
-                              ({'frames': 3}, r"unknown video option\(s\) \['frames'\]")):
-            with pytest.raises(ValueError, match=match):
-                embed_collection(tmp_path / 'no-model', photo_dir, tmp_path / 'o.emb', engine=engine, **kwargs)
+    # the parameter objects refuse bad values when made, so nothing can start with them, under either engine
+    for make, match in ((lambda: uniform(0), 'num_frames=0: expected an int >= 1'),
+                        (lambda: by_fps(sample_fps=0), 'sample_fps=0: expected a number > 0'),
+                        (lambda: ShardSettings(batch_size=0), 'batch_size=0: expected a whole number >= 1'),
+                        (lambda: ShardSettings(shard_size=0), 'shard_size=0: expected a whole number >= 1'),
+                        (lambda: RayOptions(workers=0), 'workers=0'),
+                        (lambda: RayOptions(gpus_per_worker=-1), 'gpus_per_worker=-1'),
+                        (lambda: RayOptions(schedule_timeout=-1), 'schedule_timeout=-1: expected seconds >= 0')):
+        with pytest.raises(ValueError, match=match):
+            make()
+    with pytest.raises(TypeError, match='unexpected keyword argument'):
+        embed_collection(tmp_path / 'no-model', photo_dir, tmp_path / 'o.emb', num_frames=3)
+    with pytest.raises(ValueError, match=r"engine='spark': choose one of \['local', 'ray'\]"):
+        embed_collection(tmp_path / 'no-model', photo_dir, tmp_path / 'o.emb', engine='spark')
     base = ['embed', str(tmp_path / 'no-model'), str(photo_dir), '--out', str(tmp_path / 'o.emb')]
     for args in (['--num-frames', '0'], ['--engine', 'ray', '--num-frames', '0']):
         with pytest.raises(SystemExit) as exit_info:  # argparse: usage errors exit 2
             main(base + args)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count('\n') == 1 and 'argument --num-frames' in err, err
-    assert main(base + ['--engine', 'ray', '--frame-mode', 'fps', '--sample-fps', '0']) == 2
+    assert main(base + ['--engine', 'ray', '--sampling-mode', 'fps', '--sample-fps', '0']) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'sample_fps=0.0: expected a number > 0' in err, err
     assert not (tmp_path / 'o.emb').exists()

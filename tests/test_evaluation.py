@@ -180,7 +180,7 @@ def test_retrieval_metrics_equal_the_score_of_written_predictions(tmp_path):
 def test_cli_eval_writes_predictions_and_score_reproduces_them(tmp_path, plugin_vit_dir, capsys):
     make_synthetic_split(tmp_path, 'valid', 14, seed=5)
     out = tmp_path / 'pred'
-    assert main(['eval', str(plugin_vit_dir), '--data', str(tmp_path), '--predictions-dir', str(out)]) == 0
+    assert main(['eval', str(plugin_vit_dir), '--data', str(tmp_path), '--out', str(out)]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert sorted(p.name for p in out.iterdir()) == ['valid_predictions.jsonl', 'valid_texts.tr.jsonl',
                                                     'valid_tr_predictions.jsonl']
@@ -216,9 +216,9 @@ def test_cli_eval_of_an_unlabelled_split_writes_the_submission_files(tmp_path, p
     assert main(base) == 2
     err = capsys.readouterr().err
     assert "none of the 14 texts of split 'test' has image_ids" in err and 'no ground truth to score' in err
-    assert 'Pass predictions_dir (CLI: --predictions-dir DIR)' in err
+    assert 'Pass predictions_dir (CLI: --out DIR)' in err
     out = tmp_path / 'submit'
-    assert main(base + ['--predictions-dir', str(out)]) == 0
+    assert main(base + ['--out', str(out)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res['t2i'] is None and res['i2t'] is None and res['unlabelled_texts'] == 14
     assert res['note'].startswith('no ground truth to score: none of the 14 texts of test has image_ids')
@@ -230,7 +230,7 @@ def test_cli_eval_of_an_unlabelled_split_writes_the_submission_files(tmp_path, p
     assert all(len(set(r['image_ids'])) == 10 for r in t2i) and all(len(set(r['text_ids'])) == 10 for r in i2t)
     # the same rankings as the labelled split's
     assert main(['eval', str(plugin_vit_dir), '--data', str(tmp_path / 'labelled'), '--split', 'test',
-                 '--predictions-dir', str(tmp_path / 'labelled' / 'p')]) == 0
+                 '--out', str(tmp_path / 'labelled' / 'p')]) == 0
     for name in ('test_predictions.jsonl', 'test_tr_predictions.jsonl'):
         assert (out / name).read_text() == (tmp_path / 'labelled' / 'p' / name).read_text()
 

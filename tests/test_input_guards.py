@@ -288,16 +288,16 @@ def test_bomb_query_in_search_is_a_clear_error(plugin_vit_dir, model, photo, bom
     assert 'cnclip search: error: img[0]: cannot decode image' in err and '200,000,000 pixels' in err
 
 
-def test_bomb_skipped_by_training_with_skip_corrupt(plugin_vit_dir, photo, bomb, tmp_path):
+def test_bomb_skipped_by_training_with_skip_errors(plugin_vit_dir, photo, bomb, tmp_path):
     Image.fromarray(photo).save(tmp_path / 'ok.png')
     lines = [{'image': 'ok.png', 'text': '图'}, {'image': str(bomb), 'text': '扫描', 'id': 'scan'}] * 4
     (tmp_path / 'train.jsonl').write_text('\n'.join(json.dumps(x, ensure_ascii=False) for x in lines))
     overrides = {'train': {'max_epochs': 1, 'dataloader': {'batch_size_per_gpu': 4, 'workers_per_gpu': 0}}}
     kw = dict(model=str(plugin_vit_dir), work_dir=str(tmp_path / 'w'), train_dataset=str(tmp_path / 'train.jsonl'),
               cfg_overrides=overrides)
-    with pytest.raises(ValueError, match=r"image 'scan': cannot decode image .*200,000,000 pixels.*skip_corrupt"):
+    with pytest.raises(ValueError, match=r"image 'scan': cannot decode image .*200,000,000 pixels.*skip_errors"):
         build_trainer('cnclip-trainer', kw).train()
-    trainer = build_trainer('cnclip-trainer', dict(kw, skip_corrupt=True))
+    trainer = build_trainer('cnclip-trainer', dict(kw, skip_errors=True))
     trainer.train()
     assert trainer.train_pairs.skipped == ['scan']
 

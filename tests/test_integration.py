@@ -81,7 +81,7 @@ def test_cli_similarity_info_convert(tmp_path, hub_vit_dir, images, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info['layout'] == 'hub' and info['architecture'] == 'custom'
 
-    assert main(['convert', str(hub_vit_dir), str(tmp_path / 'hf'), '--to', 'hf']) == 0
+    assert main(['convert', str(hub_vit_dir), '--out', str(tmp_path / 'hf'), '--to', 'hf']) == 0
     assert (tmp_path / 'hf' / 'model.safetensors').is_file()
 
 
@@ -90,7 +90,7 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith('cnclip similarity: error: model source') and len(err.splitlines()) == 1
     with pytest.raises(SystemExit):
-        main(['convert', 'a', 'b', '--to', 'onnx'])
+        main(['convert', 'a', '--out', 'b', '--to', 'onnx'])
 
 
 def test_to_hub_output_loads_in_modelscope_builtin_class(tmp_path, vit_sd, images):

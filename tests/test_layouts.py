@@ -116,7 +116,7 @@ def test_trainer_checkpoint_loads_in_load_pipeline_info_and_convert(work, kind, 
     assert info['guessed'] == list(GUESSED_FIELDS)  # a custom size: its head counts come from no config
     assert info['parameters'] == sum(v.numel() for v in want.values())
 
-    code, stdout, _ = run_cli(capsys, 'convert', path, tmp_path / 'plugin')
+    code, stdout, _ = run_cli(capsys, 'convert', path, '--out', tmp_path / 'plugin')
     assert code == 0 and stdout.strip() == str(tmp_path / 'plugin')
     assert_same(read_source(tmp_path / 'plugin').state_dict, want)
 
@@ -142,7 +142,7 @@ def test_trainer_state_file_points_at_the_weights_beside_it(work, kind, capsys):
     msg = f"{state} is a ModelScope trainer state .* The checkpoint's weights are in {weights.name} \\(beside it\\)"
     with pytest.raises(ValueError, match=msg.replace('.pth', r'\.pth').replace('[', r'\[')):
         read_source(state)
-    code, _, err = run_cli(capsys, 'convert', state, work.parent / 'never')
+    code, _, err = run_cli(capsys, 'convert', state, '--out', work.parent / 'never')
     assert code == 2 and f'load {weights}' in err
     assert not (work.parent / 'never').exists()
 
@@ -233,7 +233,8 @@ def test_keys_outside_the_prefix_are_named_by_the_strict_load(tmp_path, vit_sd):
 def test_custom_size_warning_reaches_the_terminal_from_the_cli(tmp_path, vit_sd):
     pt = write_official_pt(tmp_path / 'custom.pt', vit_sd)
     env = {**os.environ, 'PYTHONPATH': str(Path(__file__).resolve().parents[1])}
-    res = subprocess.run([sys.executable, '-m', 'modelscope_cnclip', 'convert', str(pt), str(tmp_path / 'out')],
+    res = subprocess.run([sys.executable, '-m', 'modelscope_cnclip', 'convert', str(pt), '--out',
+                          str(tmp_path / 'out')],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert 'WARNING modelscope_cnclip.checkpoints.convert: weights match no shipped architecture; assuming 64-wide ' \
@@ -254,7 +255,7 @@ def test_info_marks_guessed_fields_and_a_converted_dir_remembers(tmp_path, cfg, 
     pt = write_official_pt(tmp_path / 'custom.pt', random_state_dict(cfg))
     code, stdout, _ = run_cli(capsys, 'info', pt)
     assert code == 0 and json.loads(stdout)['guessed'] == list(GUESSED_FIELDS)
-    assert run_cli(capsys, 'convert', pt, tmp_path / 'plugin')[0] == 0
+    assert run_cli(capsys, 'convert', pt, '--out', tmp_path / 'plugin')[0] == 0
     stored = json.loads((tmp_path / 'plugin' / 'cnclip_config.json').read_text())
     assert stored['guessed'] == ['vision.head_width', 'text.num_attention_heads']
     code, stdout, _ = run_cli(capsys, 'info', tmp_path / 'plugin')
@@ -380,7 +381,8 @@ def test_shards_without_index_or_a_single_shard_are_explained(sharded):
 
 @pytest.mark.parametrize('to', ['plugin', 'hf'])
 def test_convert_writes_shards_that_load_back(tmp_path, hub_vit_dir, vit_sd, to, capsys):
-    code, _, err = run_cli(capsys, 'convert', hub_vit_dir, tmp_path / to, '--to', to, '--max-shard-size', '500KB')
+    code, _, err = run_cli(capsys, 'convert', hub_vit_dir, '--out', tmp_path / to, '--to', to, '--max-shard-size',
+                           '500KB')
     assert code == 0, err
     names = sorted(p.name for p in (tmp_path / to).iterdir())
     shards = [n for n in names if n.startswith('model-')]
@@ -401,7 +403,8 @@ def test_hub_layout_refuses_sharding(tmp_path, hub_vit_dir, capsys):
     with pytest.raises(ValueError, match=r"hub layout cannot be sharded: ModelScope's built-in CLIP class reads "
                                          r"exactly one pytorch_model.bin"):
         convert(hub_vit_dir, tmp_path / 'hub', to='hub', max_shard_size='2GB')
-    code, _, err = run_cli(capsys, 'convert', hub_vit_dir, tmp_path / 'hub', '--to', 'hub', '--max-shard-size', '2GB')
+    code, _, err = run_cli(capsys, 'convert', hub_vit_dir, '--out', tmp_path / 'hub', '--to', 'hub',
+                           '--max-shard-size', '2GB')
     assert code == 2 and 'cannot be sharded' in err
     assert not (tmp_path / 'hub').exists()
     with pytest.raises(ValueError, match=r"max_shard_size='2G': give a size like \"2GB\""):

@@ -66,7 +66,7 @@ def test_cli_eval_and_score_of_a_windows_saved_split(splits, plugin_vit_dir, tmp
     _, clean_dir, win = splits
     outs = []
     for d in (clean_dir, win):
-        assert main(['eval', str(plugin_vit_dir), '--data', str(d), '--predictions-dir', str(d / 'pred')]) == 0
+        assert main(['eval', str(plugin_vit_dir), '--data', str(d), '--out', str(d / 'pred')]) == 0
         outs.append(json.loads(capsys.readouterr().out))
     assert outs[0] == outs[1]
     # the scorer takes the Windows-saved, string-id texts file as ground truth, for both directions

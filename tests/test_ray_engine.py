@@ -20,7 +20,9 @@ import modelscope_cnclip.jobs.ray_engine as scale
 import modelscope_cnclip.jobs.run as embed_mod
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.embeddings import SHARDS
+from modelscope_cnclip.jobs import ShardSettings
 from modelscope_cnclip.jobs.ray_engine import WorkerRequest, unschedulable, worker_request
+from modelscope_cnclip.video import FrameSampling
 
 TEST_LIMIT_S = 180
 
@@ -123,7 +125,8 @@ def test_bad_options_are_refused_before_ray_starts(plugin_vit_dir: Path, photo_d
         _embed(plugin_vit_dir, photo_dir, tmp_path / 'b.emb', '--engine', 'ray', '--schedule-timeout', '-1')
     from modelscope_cnclip.jobs.run import embed_collection
     with pytest.raises(ValueError, match='num_frames'):
-        embed_collection(plugin_vit_dir, photo_dir, tmp_path / 'c.emb', engine='ray', num_frames=0)
+        embed_collection(plugin_vit_dir, photo_dir, tmp_path / 'c.emb', engine='ray',
+                         settings=ShardSettings(sampling=FrameSampling(num_frames=0)))
     assert ray.is_initialized() == running
 
 
@@ -140,8 +143,8 @@ def test_ray_failures_without_an_error_of_their_own_are_one_line() -> None:
 
 @pytest.mark.ray
 def test_own_instance_refuses_unschedulable_gpu_workers_at_once(own_ray, plugin_vit_dir: Path, photo_dir: Path,
-                                                                 tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Today Ray Data waits forever for a GPU that never comes; cnclip refuses before submitting any work."""
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError('work was submitted to Ray')
@@ -215,9 +218,8 @@ def _replace_bytes(path: Path, data: bytes) -> None:
 
 
 @pytest.mark.ray
-def test_model_unreadable_on_the_workers_is_reported_like_a_local_job(own_ray, plugin_vit_dir: Path,
-                                                                      photo_dir: Path, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture,
+def test_model_unreadable_on_the_workers_is_reported_like_a_local_job(own_ray, plugin_vit_dir: Path, photo_dir: Path,
+                                                                      tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The driver loads the model, the workers find it truncated: the same ValueError as a local job's load."""
     model = shutil.copytree(plugin_vit_dir, tmp_path / 'model')
@@ -252,8 +254,8 @@ def blocked_shards(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.ray
 def test_shard_write_error_on_a_worker_is_reported_like_a_local_job(own_ray, blocked_shards, plugin_vit_dir: Path,
-                                                                   photo_dir: Path, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture) -> None:
+                                                                    photo_dir: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
     """A shard the worker cannot write (a file where the shards folder goes): the same OSError, exit 2."""
     assert _embed(plugin_vit_dir, photo_dir, tmp_path / 'local.emb') == 2
     local = _error_line(capsys.readouterr().err)

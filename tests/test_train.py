@@ -122,9 +122,9 @@ def test_jsonl_source_corrupt_images_and_clear_errors(setup, tmp_path):
     (tmp_path / 'train.jsonl').write_text('\n'.join(json.dumps(x, ensure_ascii=False) for x in lines))
     kw = dict(model=str(setup / 'model'), work_dir=str(tmp_path / 'w'), train_dataset=str(tmp_path / 'train.jsonl'),
               cfg_overrides=overrides(1, batch=4))
-    with pytest.raises(ValueError, match=r"image 'bad-1': cannot decode image .* pass skip_corrupt=True"):
+    with pytest.raises(ValueError, match=r"image 'bad-1': cannot decode image .* pass skip_errors=True"):
         build_trainer('cnclip-trainer', kw).train()
-    trainer = build_trainer('cnclip-trainer', dict(kw, skip_corrupt=True))
+    trainer = build_trainer('cnclip-trainer', dict(kw, skip_errors=True))
     trainer.train()
     assert trainer.train_pairs.skipped == ['bad-1']
     with pytest.raises(KeyError, match='set dataset.column_map'):
@@ -175,8 +175,8 @@ def test_optimizer_groups_schedule_and_loss():
 
 
 def test_cli_train_then_eval(setup, tmp_path, capsys):
-    assert main(['train', str(setup / 'model'), '--data', str(setup / 'data'), '--work-dir', str(tmp_path / 'w'),
-                 '--max-epochs', '1', '--batch-size', '32', '--workers', '0', '--device', 'cpu']) == 0
+    assert main(['train', str(setup / 'model'), '--data', str(setup / 'data'), '--out', str(tmp_path / 'w'),
+                 '--max-epochs', '1', '--batch-size', '32', '--loader-workers', '0', '--device', 'cpu']) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 't2i_recall_at_1' in metrics
     assert main(['eval', str(tmp_path / 'w' / 'output'), '--data', str(setup / 'data'), '--split', 'valid']) == 0

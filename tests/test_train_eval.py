@@ -41,16 +41,16 @@ def test_evaluation_does_not_depend_on_the_loader_options(model_dir, tmp_path):
             [split[d][k] for k in ('r1', 'r5', 'r10', 'mr')]
 
 
-def test_skip_corrupt_evaluation_equals_the_split_without_that_pair(model_dir, tmp_path):
+def test_skip_errors_evaluation_equals_the_split_without_that_pair(model_dir, tmp_path):
     split = make_synthetic_split(tmp_path / 'full', 'valid', 20, seed=9, unique=True)
     images = {i: split.image_bytes(i) for i in split.image_ids}
     bad = split.image_ids[5]
     write_official_split(tmp_path / 'corrupt', 'valid', {**images, bad: b'not a jpeg'}, split.texts)
     write_official_split(tmp_path / 'without', 'valid', {i: b for i, b in images.items() if i != bad},
                          [t for t in split.texts if bad not in t.image_ids])
-    trainer, skipped = evaluate(model_dir, tmp_path / 'a', tmp_path / 'corrupt', skip_corrupt=True)
+    trainer, skipped = evaluate(model_dir, tmp_path / 'a', tmp_path / 'corrupt', skip_errors=True)
     _, without = evaluate(model_dir, tmp_path / 'b', tmp_path / 'without')
     assert skipped == without and trainer.eval_pairs.skipped == [bad]
     with pytest.raises(ValueError, match=rf'1 of 20 images cannot be read \(image {bad}: ValueError: cannot decode '
-                                         rf'image .*skip_corrupt=True'):
+                                         rf'image .*skip_errors=True'):
         evaluate(model_dir, tmp_path / 'c', tmp_path / 'corrupt')

@@ -177,8 +177,8 @@ def test_training_in_spawned_workers_on_official_and_lmdb_data(model_dir, tmp_pa
             multiprocessing.set_start_method('spawn', force=True)  # macOS/Windows; 3.14 Linux uses forkserver
             for name, source in (('tsv', {str(data)!r}), ('lmdb', {str(tmp_path / 'lmdb')!r})):
                 work = {str(tmp_path)!r} + '/w-' + name
-                code = main(['train', {str(model_dir)!r}, '--data', source, '--work-dir', work,
-                             '--max-epochs', '1', '--batch-size', '8', '--workers', '2', '--device', 'cpu'])
+                code = main(['train', {str(model_dir)!r}, '--data', source, '--out', work,
+                             '--max-epochs', '1', '--batch-size', '8', '--loader-workers', '2', '--device', 'cpu'])
                 if code:
                     sys.exit(code)
     '''))
@@ -224,8 +224,8 @@ def test_gradient_accumulation_trains_end_to_end_like_one_big_batch(model_dir, t
     data = tmp_path / 'data'
     make_synthetic_split(data, 'train', 16, seed=3)
     make_synthetic_split(data, 'valid', 8, seed=4)
-    assert main(['train', str(model_dir), '--data', str(data), '--eval-data', str(data), '--work-dir',
-                 str(tmp_path / 'cli'), '--max-epochs', '1', '--batch-size', '8', '--workers', '0',
+    assert main(['train', str(model_dir), '--data', str(data), '--eval-data', str(data), '--out',
+                 str(tmp_path / 'cli'), '--max-epochs', '1', '--batch-size', '8', '--loader-workers', '0',
                  '--accum-freq', '2']) == 0
 
 
@@ -247,5 +247,5 @@ def test_cli_train_takes_the_work_dir_of_the_cfg_file(model_dir, tmp_path, monke
     (tmp_path / 'cfg.json').write_text(json.dumps(cfg))
     monkeypatch.chdir(tmp_path)
     assert main(['train', str(model_dir), '--data', str(data), '--cfg', str(tmp_path / 'cfg.json'),
-                 '--workers', '0']) == 0
+                 '--loader-workers', '0']) == 0
     assert (tmp_path / 'from-cfg' / 'output' / 'model.safetensors').is_file() and not (tmp_path / 'work').exists()

@@ -16,6 +16,7 @@ import modelscope_cnclip
 from modelscope_cnclip.jobs.collection import VIDEO_EXTENSIONS
 from modelscope_cnclip.video import (
     EncodedVideos,
+    FrameSampling,
     VideoError,
     VideoFailure,
     _decode,
@@ -24,6 +25,17 @@ from modelscope_cnclip.video import (
     read_frames,
     sample_indices,
 )
+
+
+def uniform(n: int) -> FrameSampling:
+    """Centre frames of ``n`` equal segments."""
+    return FrameSampling(num_frames=n)
+
+
+def by_fps(**fields) -> FrameSampling:
+    """Frames by time: ``sample_fps`` a second, at most ``max_frames``."""
+    return FrameSampling(mode='fps', **fields)
+
 
 STEP = 40  # colour step: frame i is (STEP * (i // 7), STEP * (i % 7), 128), so a decoded frame tells its index
 SIZE = (64, 48)
@@ -87,7 +99,7 @@ def model(plugin_vit_dir):
 def test_uniform_takes_segment_centres_exhaustively():
     for n in range(1, 70):
         for num in range(1, 13):
-            idx = sample_indices(n, 25.0, num)
+            idx = sample_indices(n, 25.0, uniform(num))
             assert idx == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < n
             assert len(idx) == min(n, num)
             if n <= num:
@@ -101,27 +113,27 @@ def test_uniform_takes_segment_centres_exhaustively():
 
 
 def test_uniform_examples_and_fps_is_not_read():
-    assert sample_indices(20, 10.0, 8) == [1, 3, 6, 8, 11, 13, 16, 18]
-    assert sample_indices(11, 10.0, 8) == [0, 2, 3, 4, 6, 7, 8, 10]
-    assert sample_indices(1, 10.0, 8) == [0]
-    assert sample_indices(100, 0.0, 1) == [50] == sample_indices(100, float('nan'), 1)
+    assert sample_indices(20, 10.0, uniform(8)) == [1, 3, 6, 8, 11, 13, 16, 18]
+    assert sample_indices(11, 10.0, uniform(8)) == [0, 2, 3, 4, 6, 7, 8, 10]
+    assert sample_indices(1, 10.0, uniform(8)) == [0]
+    assert sample_indices(100, 0.0, uniform(1)) == [50] == sample_indices(100, float('nan'), uniform(1))
 
 
 def test_fps_mode_samples_by_time():
-    assert sample_indices(20, 10, mode='fps') == [0, 10]  # t = 0 s, 1 s; 2 s is the end
-    assert sample_indices(25, 10, mode='fps') == [0, 10, 20]
-    assert sample_indices(300, 29.97, mode='fps') == [math.floor(k * 29.97) for k in range(11)]
-    assert sample_indices(20, 10, mode='fps', sample_fps=25) == list(range(20))  # faster than the video
-    assert sample_indices(3, 30, mode='fps', sample_fps=0.1) == [0]
-    assert sample_indices(300, 30, mode='fps', sample_fps=2, max_frames=4) == [30, 105, 180, 255]
-    assert sample_indices(300, 30, mode='fps', sample_fps=2, max_frames=100) == list(range(0, 300, 15))
+    assert sample_indices(20, 10, by_fps()) == [0, 10]  # t = 0 s, 1 s; 2 s is the end
+    assert sample_indices(25, 10, by_fps()) == [0, 10, 20]
+    assert sample_indices(300, 29.97, by_fps()) == [math.floor(k * 29.97) for k in range(11)]
+    assert sample_indices(20, 10, by_fps(sample_fps=25)) == list(range(20))  # faster than the video
+    assert sample_indices(3, 30, by_fps(sample_fps=0.1)) == [0]
+    assert sample_indices(300, 30, by_fps(sample_fps=2, max_frames=4)) == [30, 105, 180, 255]
+    assert sample_indices(300, 30, by_fps(sample_fps=2, max_frames=100)) == list(range(0, 300, 15))
 
 
 @pytest.mark.parametrize('fps', [5, 10, 24, 25, 29.97, 30, 59.94])
 @pytest.mark.parametrize('sample_fps', [0.5, 1, 2.5, 7, 30, 100])
 def test_fps_mode_exhaustively(fps, sample_fps):
     for n in range(1, 80):
-        idx = sample_indices(n, fps, mode='fps', sample_fps=sample_fps)
+        idx = sample_indices(n, fps, by_fps(sample_fps=sample_fps))
         assert idx[0] == 0 and idx == sorted(set(idx)) and idx[-1] < n
         if sample_fps >= fps:
             assert idx == list(range(n))
@@ -129,22 +141,23 @@ def test_fps_mode_exhaustively(fps, sample_fps):
         assert idx == [math.floor(k * fps / sample_fps + 1e-6) for k in range(len(idx))]
         assert len(idx) == math.ceil(n * sample_fps / fps - 1e-9)  # every sample time before the end
         for cap in (1, 3, 8):
-            capped = sample_indices(n, fps, mode='fps', sample_fps=sample_fps, max_frames=cap)
+            capped = sample_indices(n, fps, by_fps(sample_fps=sample_fps, max_frames=cap))
             assert len(capped) == min(cap, len(idx)) and set(capped) <= set(idx)
 
 
-@pytest.mark.parametrize('kwargs,match', [
-    ({'num_frames': 0, 'fps': 10}, r'the video has no frames \(num_frames=0\)'),
-    ({'num_frames': 10, 'fps': 10, 'mode': 'random'}, r"mode='random': choose one of \['uniform', 'fps'\]"),
-    ({'num_frames': 10, 'fps': 10, 'num': 0}, r'num_frames=0: expected an int >= 1'),
-    ({'num_frames': 10, 'fps': 10, 'mode': 'fps', 'sample_fps': 0}, r'sample_fps=0: expected a number > 0'),
-    ({'num_frames': 10, 'fps': 10, 'mode': 'fps', 'max_frames': 0}, r'max_frames=0: expected an int >= 1'),
-    ({'num_frames': 10, 'fps': 10, 'max_frames': 4}, r"max_frames=4 caps mode='fps'"),
-    ({'num_frames': 10, 'fps': 0.0, 'mode': 'fps'}, r"frame rate 0.0 is not a positive number.*mode='uniform'"),
+@pytest.mark.parametrize('total,fps,sampling,match', [
+    (0, 10, {}, r'the video has no frames \(total=0\)'),
+    (10, 10, {'mode': 'random'}, r"mode='random': choose one of \['uniform', 'fps'\]"),
+    (10, 10, {'num_frames': 0}, r'num_frames=0: expected an int >= 1'),
+    (10, 10, {'mode': 'fps', 'sample_fps': 0}, r'sample_fps=0: expected a number > 0'),
+    (10, 10, {'mode': 'fps', 'max_frames': 0}, r'max_frames=0: expected an int >= 1'),
+    (10, 10, {'max_frames': 4}, r"max_frames=4 caps mode='fps'"),
+    (10, 0.0, {'mode': 'fps'}, r"frame rate 0.0 is not a positive number.*mode='uniform'"),
 ])
-def test_sampling_errors(kwargs, match):
+def test_sampling_errors(total, fps, sampling, match):
+    """Invalid sampling is refused when the FrameSampling is made, before any video is read."""
     with pytest.raises(ValueError, match=match):
-        sample_indices(**kwargs)
+        sample_indices(total, fps, FrameSampling(**sampling))
 
 
 def test_video_extensions_for_folder_scans():
@@ -195,26 +208,26 @@ class FakeReader:
 
 
 def fake_decode(total: int, broken: set[int], num: int = 8) -> tuple[list[int], np.ndarray]:
-    return _decode(lambda threads: FakeReader(total, broken), lambda n, fps: sample_indices(n, fps, num),
+    return _decode(lambda threads: FakeReader(total, broken), lambda n, fps: sample_indices(n, fps, uniform(num)),
                    "'fake.mp4'", (FakeError,))
 
 
 def test_decode_of_a_sound_file_is_one_batch():
     FakeReader.opened = 0
     idx, frames = fake_decode(40, set())
-    assert idx == sample_indices(40, 10, 8) and frames[:, 0, 0, 0].tolist() == idx and FakeReader.opened == 1
+    assert idx == sample_indices(40, 10, uniform(8)) and frames[:, 0, 0, 0].tolist() == idx and FakeReader.opened == 1
 
 
 def test_broken_tail_is_resampled_over_the_frames_that_decode(caplog):
     with caplog.at_level(logging.WARNING, logger='modelscope_cnclip.video'):
         idx, frames = fake_decode(40, set(range(34, 40)), num=20)
     # probes 39, 38, 37, 35 fail and 31 decodes: the sampling is redone over frames 0..31
-    assert idx == sample_indices(32, 10, 20) and frames[:, 0, 0, 0].tolist() == idx
+    assert idx == sample_indices(32, 10, uniform(20)) and frames[:, 0, 0, 0].tolist() == idx
     assert "'fake.mp4': its last 8 of 40 frames do not decode (Error sending packet)" in caplog.text
 
 
 def test_broken_middle_frame_falls_back_to_one_seek_per_frame(caplog):
-    wanted = sample_indices(40, 10, 8)
+    wanted = sample_indices(40, 10, uniform(8))
     with caplog.at_level(logging.WARNING, logger='modelscope_cnclip.video'):
         idx, frames = fake_decode(40, {wanted[3]})
     assert idx == wanted[:3] + wanted[4:] and frames[:, 0, 0, 0].tolist() == idx
@@ -226,7 +239,7 @@ def test_no_decodable_frame_is_a_video_error():
                                          r"\(Error sending packet\)"):
         fake_decode(40, set(range(40)))
     with pytest.raises(VideoError, match=r"'fake.mp4': none of the sampled frames \[\d+(, \d+)*\] decodes"):
-        fake_decode(40, set(sample_indices(40, 10, 8)))
+        fake_decode(40, set(sample_indices(40, 10, uniform(8))))
 
 
 # ---- real videos ---------------------------------------------------------------------------------------------------
@@ -236,10 +249,10 @@ def test_read_frames_reads_the_sampled_frames(av, tmp_path, name):
     path = coloured_video(tmp_path / name, 30)
     frames = read_frames(path)
     assert [f.size for f in frames] == [SIZE] * 8 and all(f.mode == 'RGB' for f in frames)
-    assert [index_of(f) for f in frames] == sample_indices(30, 10, 8) == [1, 5, 9, 13, 16, 20, 24, 28]
-    assert [index_of(f) for f in read_frames(str(path), 3)] == [5, 15, 25]
-    assert [index_of(f) for f in read_frames(path, mode='fps', sample_fps=2)] == list(range(0, 30, 5))
-    assert [index_of(f) for f in read_frames(path, mode='fps', sample_fps=4, max_frames=3)] == [5, 15, 25]
+    assert [index_of(f) for f in frames] == sample_indices(30, 10, uniform(8)) == [1, 5, 9, 13, 16, 20, 24, 28]
+    assert [index_of(f) for f in read_frames(str(path), uniform(3))] == [5, 15, 25]
+    assert [index_of(f) for f in read_frames(path, by_fps(sample_fps=2))] == list(range(0, 30, 5))
+    assert [index_of(f) for f in read_frames(path, by_fps(sample_fps=4, max_frames=3))] == [5, 15, 25]
     from_bytes = read_frames(path.read_bytes())
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(from_bytes, frames))
 
@@ -255,7 +268,7 @@ def test_url_input(av, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f'http://127.0.0.1:{server.server_address[1]}'
-        assert [index_of(f) for f in read_frames(f'{url}/web.mp4', 4)] == sample_indices(12, 10, 4)
+        assert [index_of(f) for f in read_frames(f'{url}/web.mp4', uniform(4))] == sample_indices(12, 10, uniform(4))
         with pytest.raises(OSError, match=f'cannot download video {url}/nope.mp4'):
             read_frames(f'{url}/nope.mp4')
     finally:
@@ -264,7 +277,7 @@ def test_url_input(av, tmp_path):
 
 def test_short_video_gives_every_frame_once(av, tmp_path):
     path = coloured_video(tmp_path / 'short.avi', 5)
-    assert [index_of(f) for f in read_frames(path, 8)] == [0, 1, 2, 3, 4]
+    assert [index_of(f) for f in read_frames(path, uniform(8))] == [0, 1, 2, 3, 4]
 
 
 def test_truncated_file_keeps_the_frames_that_decode(av, tmp_path, caplog):
@@ -272,7 +285,7 @@ def test_truncated_file_keeps_the_frames_that_decode(av, tmp_path, caplog):
     cut = tmp_path / 'cut.avi'
     cut.write_bytes(data[:len(data) * 2 // 3])  # no index, last frame cut in half
     with caplog.at_level(logging.WARNING, logger='modelscope_cnclip.video'):
-        got = [index_of(f) for f in read_frames(cut, 100)]
+        got = [index_of(f) for f in read_frames(cut, uniform(100))]
     # decord's decoder reads ahead into the broken packet by chance, so which frames survive varies a little
     assert got == sorted(set(got)) and len(got) >= 12 and got[-1] < 20
     assert f"video '{cut}': " in caplog.text
@@ -310,15 +323,16 @@ def test_pool_frames_is_the_renormalised_mean():
 
 def test_encode_videos_is_the_mean_of_its_frames_as_images(av, tmp_path, model):
     paths = [write_video(tmp_path / f'v{k}.avi', textured(k, 12 + 3 * k)) for k in range(3)]
-    got = encode_videos(model, paths, num_frames=4, batch_size=5)  # model calls span videos
+    got = encode_videos(model, paths, uniform(4), batch_size=5)  # model calls span videos
     assert isinstance(got, EncodedVideos) and got.failed == []
     assert got.embeddings.shape == (3, 32) and got.embeddings.dtype == torch.float32
     for row, path in zip(got.embeddings, paths):
-        want = F.normalize(model.encode_image(read_frames(path, 4)).mean(0), dim=0)
+        want = F.normalize(model.encode_image(read_frames(path, uniform(4))).mean(0), dim=0)
         assert torch.allclose(row, want, atol=1e-5)
-    assert torch.allclose(model.encode_video(paths[1], num_frames=4), got.embeddings[1:2], atol=1e-5)
-    one_by_one = torch.cat([model.encode_video(p, num_frames=4) for p in paths])
-    assert torch.allclose(encode_videos(model, paths, 4, num_workers=1).embeddings, one_by_one, atol=1e-5)
+    assert torch.allclose(model.encode_video(paths[1], uniform(4)), got.embeddings[1:2], atol=1e-5)
+    one_by_one = torch.cat([model.encode_video(p, uniform(4)) for p in paths])
+    assert torch.allclose(encode_videos(model, paths, uniform(4), num_workers=1).embeddings,
+                          one_by_one, atol=1e-5)
 
 
 def test_still_video_embeds_like_its_image(av, tmp_path, model, images):
@@ -326,7 +340,8 @@ def test_still_video_embeds_like_its_image(av, tmp_path, model, images):
     path = write_video(tmp_path / 'still.avi', [np.asarray(still)] * 10, lossless=True)
     assert all(np.array_equal(np.asarray(f), np.asarray(still)) for f in read_frames(path))
     assert torch.allclose(model.encode_video(path), model.encode_image(still), atol=1e-5)
-    assert torch.allclose(model.encode_video(path, mode='fps', sample_fps=3), model.encode_image(still), atol=1e-5)
+    assert torch.allclose(model.encode_video(path, by_fps(sample_fps=3)), model.encode_image(still),
+                          atol=1e-5)
 
 
 def test_skip_errors_lists_failures_and_keeps_the_rest(av, tmp_path, model, caplog):
@@ -343,7 +358,7 @@ def test_skip_errors_lists_failures_and_keeps_the_rest(av, tmp_path, model, capl
     with pytest.raises(VideoError, match=rf"video\[1\]: cannot read video '{bad}'"):
         encode_videos(model, videos)
     with pytest.raises(ValueError, match="mode='every'"):  # an argument error is not a per-video failure
-        encode_videos(model, videos, mode='every', skip_errors=True)
+        encode_videos(model, videos, FrameSampling(mode='every'), skip_errors=True)
     assert encode_videos(model, [bad], skip_errors=True).embeddings.shape == (0, 32)
 
 
@@ -373,8 +388,8 @@ def test_pipeline_video_input(av, tmp_path, pipe, images):
     assert emb.shape == (1, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(1), atol=1e-5)
     assert torch.allclose(emb, pipe.model.core.encode_video(paths[0]), atol=1e-5)
     both = pipe({'img': images, 'video': paths, 'text': ['猫', '狗']})
-    assert [both[k].shape for k in ('img_embedding', 'video_embedding', 'text_embedding')] == [(3, 32), (2, 32),
-                                                                                               (2, 32)]
+    shapes = [both[k].shape for k in ('img_embedding', 'video_embedding', 'text_embedding')]
+    assert shapes == [(3, 32), (2, 32), (2, 32)]
     assert torch.allclose(both['video_embedding'][:1], emb, atol=1e-5)
     assert pipe({'text': '猫'})['video_embedding'] is None
     assert torch.allclose(pipe.forward({'video': paths[1]})['video_embedding'], both['video_embedding'][1:],
@@ -383,18 +398,25 @@ def test_pipeline_video_input(av, tmp_path, pipe, images):
 
 def test_pipeline_frame_sampling_arguments(av, tmp_path, pipe):
     path = write_video(tmp_path / 'args.avi', textured(30, 20))
-    two = pipe({'video': path}, num_frames=2)['video_embedding']
-    assert torch.allclose(two, pipe.model.core.encode_video(path, num_frames=2), atol=1e-5)
+    two = pipe({'video': path}, sampling=uniform(2))['video_embedding']
+    assert torch.allclose(two, pipe.model.core.encode_video(path, uniform(2)), atol=1e-5)
     assert not torch.allclose(two, pipe({'video': path})['video_embedding'], atol=1e-4)
-    fps = pipe({'video': path}, video_mode='fps', sample_fps=5, max_frames=3)['video_embedding']
-    assert torch.allclose(fps, pipe.model.core.encode_video(path, mode='fps', sample_fps=5, max_frames=3), atol=1e-5)
-    assert torch.allclose(pipe.forward({'video': path}, num_frames=2)['video_embedding'], two, atol=1e-5)
-    batch = pipe.preprocessor({'video': [path, path]}, num_frames=3)
+    fps_sampling = by_fps(sample_fps=5, max_frames=3)
+    fps = pipe({'video': path}, sampling=fps_sampling)['video_embedding']
+    assert torch.allclose(fps, pipe.model.core.encode_video(path, fps_sampling), atol=1e-5)
+    # a dict of the fields (as a configuration file gives it) is the same sampling
+    assert torch.allclose(pipe({'video': path}, sampling={'mode': 'fps', 'sample_fps': 5, 'max_frames': 3})[
+        'video_embedding'], fps, atol=1e-5)
+    assert torch.allclose(pipe.forward({'video': path}, sampling=uniform(2))['video_embedding'], two,
+                          atol=1e-5)
+    batch = pipe.preprocessor({'video': [path, path]}, sampling=uniform(3))
     assert batch['video_pixel_values'].shape == (6, 3, 64, 64) and batch['video_frame_counts'].tolist() == [3, 3]
     with pytest.raises(TypeError, match=r"unknown pipeline argument\(s\) \['frames'\]"):
         pipe({'video': path}, frames=2)
     with pytest.raises(ValueError, match=r"mode='x': choose one of"):
-        pipe({'video': path}, video_mode='x')
+        pipe({'video': path}, sampling={'mode': 'x'})
+    with pytest.raises(TypeError, match=r"sampling: unknown field\(s\) \['video_mode'\]"):
+        pipe({'video': path}, sampling={'video_mode': 'fps'})
 
 
 def test_pipeline_bad_video_is_explained(av, tmp_path, pipe):

@@ -18,7 +18,18 @@ from test_video import SIZE, coloured_video, index_of, write_video
 
 import modelscope_cnclip
 from modelscope_cnclip.cli import main
-from modelscope_cnclip.video import VideoError, _AVReader, encode_videos, read_frames, sample_indices
+from modelscope_cnclip.video import FrameSampling, VideoError, _AVReader, encode_videos, read_frames, sample_indices
+
+
+def uniform(n: int) -> FrameSampling:
+    """Centre frames of ``n`` equal segments."""
+    return FrameSampling(num_frames=n)
+
+
+def by_fps(**fields) -> FrameSampling:
+    """Frames by time: ``sample_fps`` a second, at most ``max_frames``."""
+    return FrameSampling(mode='fps', **fields)
+
 
 NARROW = [16, 24, 48]  # widths decord 0.6 decodes as 6-, 4- and 4-channel arrays
 HEIGHT = 32
@@ -79,10 +90,10 @@ def close(got: np.ndarray, want: np.ndarray) -> bool:
 def test_narrow_video_frames_are_rgb_at_their_size(av, tmp_path, width):
     source = blocks(width, width, HEIGHT, 12)
     path = write_video(tmp_path / f'w{width}.mp4', source)
-    frames = read_frames(path, 4)
+    frames = read_frames(path, uniform(4))
     reference = pyav_frames(path)
     assert [(f.size, f.mode) for f in frames] == [((width, HEIGHT), 'RGB')] * 4
-    for got, i in zip(frames, sample_indices(12, 10, 4)):
+    for got, i in zip(frames, sample_indices(12, 10, uniform(4))):
         np.testing.assert_array_equal(np.asarray(got), reference[i])
         assert close(np.asarray(got), source[i])
 
@@ -95,10 +106,10 @@ def test_rotated_video_frames_are_shown_turned(av, tmp_path, coded, degrees):
     width, height = coded
     source = blocks(width + degrees % 360, width, height, 8)
     path = write_rotated(tmp_path / f'r{width}x{height}_{degrees}.mp4', source, degrees)
-    frames = read_frames(path, 4)
+    frames = read_frames(path, uniform(4))
     shown = (height, width) if degrees % 180 else (width, height)
     assert [(f.size, f.mode) for f in frames] == [(shown, 'RGB')] * 4
-    for got, i in zip(frames, sample_indices(8, 10, 4)):
+    for got, i in zip(frames, sample_indices(8, 10, uniform(4))):
         assert close(np.asarray(got), np.rot90(source[i], degrees // 90))
 
 
@@ -121,12 +132,12 @@ def test_pyav_reader_reads_like_decord(av, tmp_path):
 def test_narrow_videos_embed_their_frames(av, tmp_path, model):
     paths = [write_video(tmp_path / f'e{w}.mp4', blocks(w + 1, w, HEIGHT, 10)) for w in NARROW]
     paths.append(write_rotated(tmp_path / 'e_rot.mp4', blocks(99, 48, 16, 10), 90))
-    got = encode_videos(model, paths, num_frames=4, batch_size=6)
+    got = encode_videos(model, paths, uniform(4), batch_size=6)
     assert got.failed == [] and got.embeddings.shape == (4, 32)
     for row, path in zip(got.embeddings, paths):
         reference = pyav_frames(path)
         assert reference[0].shape[1] in NARROW
-        assert torch.allclose(row, pooled(model, [reference[i] for i in sample_indices(10, 10, 4)]), atol=1e-5)
+        assert torch.allclose(row, pooled(model, [reference[i] for i in sample_indices(10, 10, uniform(4))]), atol=1e-5)
 
 
 def test_real_narrow_video_without_pyav_is_a_video_error(av, tmp_path, monkeypatch):
@@ -184,9 +195,9 @@ def clip(av, tmp_path) -> Path:
 def test_wrong_shape_is_decoded_with_pyav(clip, misdecoded, caplog):
     with caplog.at_level(logging.INFO, logger='modelscope_cnclip.video'):
         frames = read_frames(clip)
-        assert [index_of(f) for f in read_frames(clip, mode='fps', sample_fps=2)] == list(range(0, 30, 5))
+        assert [index_of(f) for f in read_frames(clip, by_fps(sample_fps=2))] == list(range(0, 30, 5))
     assert [(f.size, f.mode) for f in frames] == [(SIZE, 'RGB')] * 8
-    assert [index_of(f) for f in frames] == sample_indices(30, 10, 8)
+    assert [index_of(f) for f in frames] == sample_indices(30, 10, uniform(8))
     assert re.search(rf"video '{re.escape(str(clip))}': decord decodes its frames as {misdecoded} arrays, not "
                      r"\(H, W, 3\) uint8 RGB; decoding it with PyAV instead", caplog.text)
 
@@ -199,7 +210,7 @@ def test_wrong_shape_without_pyav_is_a_video_error(clip, misdecoded, no_pyav):
 
 
 def test_encode_videos_falls_back_or_reports(clip, model, monkeypatch):
-    want = pooled(model, [pyav_frames(clip)[i] for i in sample_indices(30, 10, 8)])
+    want = pooled(model, [pyav_frames(clip)[i] for i in sample_indices(30, 10, uniform(8))])
     shape = misdecode(monkeypatch, 'rgba')
     got = encode_videos(model, [clip, clip])
     assert got.failed == [] and torch.allclose(got.embeddings, want.expand(2, -1), atol=1e-5)
@@ -222,7 +233,7 @@ def pipe(plugin_vit_dir):
 
 
 def test_pipeline_video_input_with_a_wrong_shape(clip, pipe, monkeypatch):
-    want = pooled(pipe.model.core, [pyav_frames(clip)[i] for i in sample_indices(30, 10, 8)])
+    want = pooled(pipe.model.core, [pyav_frames(clip)[i] for i in sample_indices(30, 10, uniform(8))])
     shape = misdecode(monkeypatch, 'six')
     assert torch.allclose(pipe({'video': str(clip)})['video_embedding'], want[None], atol=1e-5)
     monkeypatch.setitem(sys.modules, 'av', None)

@@ -221,7 +221,7 @@ def test_cli_zeroshot(tmp_path, golden_model, capsys):
     (tmp_path / 'templates.txt').write_text('\n'.join(ZS['templates']) + '\n', encoding='utf-8')
     assert main(['zeroshot', str(model_dir), '--images', str(images), '--labels', str(tmp_path / 'labels.txt'),
                  '--templates', str(tmp_path / 'templates.txt'), '--dataset', 'golden',
-                 '--save-dir', str(tmp_path / 'out'), '--batch-size', '4']) == 0
+                 '--out', str(tmp_path / 'out'), '--batch-size', '4']) == 0
     out = json.loads(capsys.readouterr().out)
     assert out == {'top1': pytest.approx(100 * ZS['top1']), 'top5': 100.0, 'n_images': 10, 'n_classes': 3,
                    'templates': str(tmp_path / 'templates.txt'), 'n_skipped': 0}

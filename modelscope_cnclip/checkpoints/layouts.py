@@ -38,6 +38,7 @@ from modelscope_cnclip.checkpoints.convert import (
     to_official,
 )
 from modelscope_cnclip.config import (
+    LAYOUTS,
     RESOURCES,
     CLIPConfig,
     available_models,
@@ -60,7 +61,6 @@ PLUGIN_CONFIG = 'cnclip_config.json'
 PLUGIN_WEIGHTS = 'model.safetensors'
 HUB_FILES = ('vision_model_config.json', 'text_model_config.json')
 WEIGHT_SUFFIXES = ('.safetensors', '.pt', '.pth', '.bin', '.ckpt')
-LAYOUTS = ('plugin', 'hub', 'hf')  # what `convert` writes
 HUB_MODEL_TYPE = 'clip-multi-modal-embedding'
 
 

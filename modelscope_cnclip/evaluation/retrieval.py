@@ -260,7 +260,7 @@ def embed_image_stream(model: CNClip, read: Callable[[int], Any], ids: Sequence[
     threads = num_threads or default_threads()
     pool = ThreadPoolExecutor(threads, thread_name_prefix='cnclip-eval') if threads > 1 else None
     try:
-        done, vectors, failed = embed_items(model, coll, coll.items, batch_size, pool)
+        done, vectors, failed = embed_items(model, coll, coll.items, batch_size, pool=pool)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -268,7 +268,7 @@ def embed_image_stream(model: CNClip, read: Callable[[int], Any], ids: Sequence[
         shown = '; '.join(f'image {f["id"]}: {f["error"]}' for f in failed[:3])
         raise ValueError(f'{where}: {len(failed)} of {len(ids)} images cannot be read ({shown}'
                          f'{"; ..." if len(failed) > 3 else ""}); fix or remove them, or skip them (trainer: '
-                         f'skip_corrupt=True)')
+                         f'skip_errors=True)')
     return [coll.position[i] for i in done], torch.from_numpy(vectors)
 
 
@@ -280,12 +280,12 @@ def _check_texts(data: Any, data_dir: str | os.PathLike, split: str, labelled: i
     if not data.texts:
         lmdb = (' The LMDB form stores (image, text) pairs only, so texts without image_ids (an unlabelled test '
                 f'split) are not in it: evaluate the tsv + jsonl form ({split}_imgs.tsv + {split}_texts.jsonl) '
-                'with --predictions-dir to predict them.') if isinstance(data, LmdbSplit) else ''
+                'with --out DIR (CLI) to predict them.') if isinstance(data, LmdbSplit) else ''
         raise ValueError(f'{data_dir}: split {split!r} has no texts to evaluate.{lmdb}')
     if not labelled and predictions_dir is None:
         raise ValueError(f'{data_dir}: none of the {len(data.texts)} texts of split {split!r} has image_ids (an '
                          f'unlabelled split, like MUGE\'s test set): there is no ground truth to score. Pass '
-                         f'predictions_dir (CLI: --predictions-dir DIR) to write the official top-{NUM_K} submission '
+                         f'predictions_dir (CLI: --out DIR) to write the official top-{NUM_K} submission '
                          f'files {split}_predictions.jsonl and {split}_tr_predictions.jsonl')
 
 

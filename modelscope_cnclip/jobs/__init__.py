@@ -6,6 +6,8 @@
 * :mod:`.ray_engine` — the same shards on a Ray cluster.
 """
 from modelscope_cnclip.jobs.collection import Collection, Item, open_collection
+from modelscope_cnclip.jobs.ray_engine import RayOptions
 from modelscope_cnclip.jobs.run import EmbedReport, embed_collection
+from modelscope_cnclip.jobs.shards import ShardSettings
 
-__all__ = ['embed_collection', 'EmbedReport', 'open_collection', 'Collection', 'Item']
+__all__ = ['embed_collection', 'EmbedReport', 'ShardSettings', 'RayOptions', 'open_collection', 'Collection', 'Item']

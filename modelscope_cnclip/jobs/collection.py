@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from modelscope_cnclip.config import MODALITIES, Modality
 from modelscope_cnclip.data import open_split, parse_id, read_jsonl, split_forms
 
-__all__ = ['Item', 'Collection', 'open_collection', 'IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS', 'MODALITIES']
+__all__ = ['Item', 'Collection', 'open_collection', 'IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS', 'MODALITIES', 'Modality']
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.flv', '.m4v', '.mpg', '.mpeg', '.wmv', '.ts', '.3gp',
                     '.ogv', '.mts', '.m2ts', '.vob', '.asf')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm', '.pbm',
                     '.jfif')
-MODALITIES = ('image', 'text', 'video')
 
 # Column names recognised in jsonl/csv inputs, first match wins; override with ``columns``.
 DEFAULT_COLUMNS = {

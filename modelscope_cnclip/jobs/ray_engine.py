@@ -30,18 +30,52 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from modelscope_cnclip.config import DEFAULT_SCHEDULE_TIMEOUT
 from modelscope_cnclip.inference import CNClip
 from modelscope_cnclip.jobs.collection import Collection
-from modelscope_cnclip.jobs.shards import embed_shard
+from modelscope_cnclip.jobs.shards import ShardSettings, embed_shard
 from modelscope_cnclip.transform import max_image_pixels
+from modelscope_cnclip.utils import default_threads
 
-__all__ = ['run_ray', 'ShardWorker', 'WorkerRequest', 'unschedulable', 'DEFAULT_SCHEDULE_TIMEOUT']
+__all__ = ['RayOptions', 'run_ray', 'ShardWorker', 'WorkerRequest', 'unschedulable', 'DEFAULT_SCHEDULE_TIMEOUT']
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SCHEDULE_TIMEOUT = 600.0  # seconds: long enough for a cloud autoscaler to boot a GPU node
 _POLL_S = 2.0  # how often a wait for nodes looks at the cluster again
 _started_here: str | None = None  # the GCS address of the Ray instance run_ray started in this process
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how a job runs on Ray (validated on creation).
+
+    Attributes:
+        address: the cluster (``'auto'`` on a cluster node, ``'ray://HEAD:10001'``); ``None`` starts a local Ray
+            instance.
+        workers: actors, each loading the model once (default: one per GPU with ``gpus_per_worker``, else 1).
+        gpus_per_worker: GPUs per actor (0: CPU workers).
+        schedule_timeout: seconds to wait for a node of an external cluster that can hold a worker (an autoscaler
+            may add one) before giving up (``None``: no limit); a Ray instance the job starts itself refuses such a
+            request at once.
+    Raises:
+        ValueError: a value out of range (named).
+    """
+
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float = 0.0
+    schedule_timeout: float | None = DEFAULT_SCHEDULE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise ValueError(f'workers={self.workers!r}: expected a whole number >= 1 (Ray actors)')
+        if not (isinstance(self.gpus_per_worker, (int, float)) and 0 <= self.gpus_per_worker < float('inf')):
+            raise ValueError(f'gpus_per_worker={self.gpus_per_worker!r}: expected a number >= 0 (0: CPU workers)')
+        if self.schedule_timeout is not None and not (isinstance(self.schedule_timeout, (int, float))
+                                                      and 0 <= self.schedule_timeout < float('inf')):
+            raise ValueError(f'schedule_timeout={self.schedule_timeout!r}: expected seconds >= 0, or None for no '
+                             f'limit')
 
 
 class ShardWorker:
@@ -54,12 +88,11 @@ class ShardWorker:
     """
 
     def __init__(self, source: str, fingerprint: str, device: str, precision: str, fast_decode: bool,
-                 coll: Collection, out: str, shard_size: int, batch_size: int, num_threads: int,
-                 video_options: Mapping[str, Any], max_image_pixels: int | None = None) -> None:
-        self.coll, self.out, self.shard_size = coll, Path(out), shard_size
-        self.batch_size, self.video_options = [batch_size], dict(video_options)
-        self.threads = num_threads or max(1, min(8, int(os.environ.get('OMP_NUM_THREADS', '0')) or
-                                                 (os.cpu_count() or 1)))
+                 coll: Collection, out: str, settings: ShardSettings, batch_size: int,
+                 max_image_pixels: int | None = None) -> None:
+        self.coll, self.out, self.settings, self.batch_size = coll, Path(out), settings, [batch_size]
+        # a worker's share of the node: OMP_NUM_THREADS as Ray sets it from the actor's CPUs
+        self.threads = settings.num_threads or default_threads(int(os.environ.get('OMP_NUM_THREADS', '0')) or 8)
         self.load_error: tuple[str, bytes] | None = None
         try:
             self.model = _load_on_worker(source, fingerprint, device, precision, fast_decode, max_image_pixels)
@@ -83,8 +116,7 @@ class ShardWorker:
         done, failed = [], []
         with ThreadPoolExecutor(self.threads, thread_name_prefix='cnclip-ray') as pool:
             for k in shards:
-                n, bad = embed_shard(self.model, self.coll, self.out, k, self.shard_size, self.batch_size, pool,
-                                     None, self.video_options)
+                n, bad = embed_shard(self.model, self.coll, self.out, k, self.settings, self.batch_size, pool=pool)
                 done.append(n)
                 failed.append(bad)
         return done, failed
@@ -293,19 +325,17 @@ def _ray_failure(ray: ModuleType, error: Exception) -> Exception:
                         f'finish it (the shards written so far are kept)')
 
 
-def run_ray(model: CNClip, coll: Collection, out: Path, todo: list[int], shard_size: int, batch_size: int,
-            num_threads: int, address: str | None, num_workers: int | None, gpus_per_worker: float,
-            video_options: Mapping[str, Any], schedule_timeout: float | None = DEFAULT_SCHEDULE_TIMEOUT) -> None:
-    """Embed shards ``todo`` of ``coll`` into ``out`` on Ray (see the module docstring for clusters).
+def run_ray(model: CNClip, coll: Collection, out: Path, todo: list[int], settings: ShardSettings, batch_size: int,
+            options: RayOptions = RayOptions()) -> None:
+    """Embed shards ``todo`` of ``coll`` into ``out`` on Ray (see the module docstring for clusters), each as
+    ``settings`` say, ``batch_size`` inputs per forward pass.
 
     Raises:
-        ValueError: no node of a Ray instance this function started can hold a worker, or a bad
-            ``schedule_timeout``.
-        TimeoutError: none of a cluster's nodes could after ``schedule_timeout`` seconds (``None``: no limit).
+        ValueError: no node of a Ray instance this function started can hold a worker.
+        TimeoutError: none of a cluster's nodes could after ``options.schedule_timeout`` seconds.
         Exception: the error a worker raised (same type and message as in a local job).
     """
-    if schedule_timeout is not None and not 0 <= schedule_timeout < float('inf'):
-        raise ValueError(f'schedule_timeout={schedule_timeout!r}: expected seconds >= 0, or None for no limit')
+    address, gpus_per_worker = options.address, options.gpus_per_worker
     ray = _import_ray()
     if not model.source:
         raise ValueError('engine="ray": the model has no source path or hub id to load on the workers; load it with '
@@ -313,14 +343,13 @@ def run_ray(model: CNClip, coll: Collection, out: Path, todo: list[int], shard_s
     own = _connect(ray, address)
     nodes = _alive_nodes(ray)
     gpus = sum(n.get('GPU', 0.0) for n in nodes)
-    workers = min(num_workers or (max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else 1), len(todo))
+    workers = min(options.workers or (max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else 1), len(todo))
     request = worker_request(nodes, workers, gpus_per_worker)
-    _ensure_schedulable(ray, own, address, request, nodes, schedule_timeout)
+    _ensure_schedulable(ray, own, address, request, nodes, options.schedule_timeout)
     device = 'cuda' if gpus_per_worker else 'cpu'
     kwargs = dict(source=model.source, fingerprint=model.fingerprint, device=device, precision=model.precision,
-                  fast_decode=model.transform.fast_decode, coll=coll, out=str(out.resolve()), shard_size=shard_size,
-                  batch_size=batch_size, num_threads=num_threads, video_options=video_options,
-                  max_image_pixels=max_image_pixels())
+                  fast_decode=model.transform.fast_decode, coll=coll, out=str(out.resolve()), settings=settings,
+                  batch_size=batch_size, max_image_pixels=max_image_pixels())
     logger.info('Ray: %d shards over %d workers (%s, %s each; %s)', len(todo), workers, device, request.bundle(),
                 _describe(nodes))
     ds = ray.data.from_items([{'shard': k} for k in todo], override_num_blocks=len(todo))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import modelscope_cnclip.jobs.ray_engine as ray_engine
+from modelscope_cnclip.config import ENGINES, Engine, Modality, Precision
 from modelscope_cnclip.embeddings import (
     ERRORS,
     META,
@@ -33,16 +34,17 @@ from modelscope_cnclip.embeddings import (
 )
 from modelscope_cnclip.inference import CNClip, load
 from modelscope_cnclip.jobs.collection import Collection, open_collection
-from modelscope_cnclip.jobs.ray_engine import DEFAULT_SCHEDULE_TIMEOUT
-from modelscope_cnclip.jobs.shards import embed_shard, shard_items
+from modelscope_cnclip.jobs.ray_engine import RayOptions
+from modelscope_cnclip.jobs.shards import ShardSettings, embed_shard, shard_items
 from modelscope_cnclip.utils import atomic_write_bytes, default_threads
+from modelscope_cnclip.video import FrameSampling
 
-__all__ = ['EmbedReport', 'embed_collection', 'auto_batch_size', 'video_sampling']
+__all__ = ['EmbedReport', 'embed_collection', 'auto_batch_size', 'ENGINES']
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SHARD_SIZE = 1024
-ENGINES = ('local', 'ray')
+DEFAULT_SETTINGS = ShardSettings()
+DEFAULT_RAY = RayOptions()
 
 
 @dataclass
@@ -93,38 +95,14 @@ def _prepare_out(out: Path, meta: dict[str, Any], overwrite: bool) -> list[int]:
     return []
 
 
-VIDEO_OPTIONS = ('num_frames', 'mode', 'sample_fps', 'max_frames')  # encode_videos' frame sampling
-
-
-def video_sampling(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The frame sampling of a video job: ``options`` over :func:`~modelscope_cnclip.video.encode_videos`'
-    defaults, validated, reduced to what changes the vectors (``'uniform'``: ``mode``, ``num_frames``; ``'fps'``:
-    ``mode``, ``sample_fps``, ``max_frames``).
-
-    Raises:
-        ValueError: an unknown option or an invalid value (named).
-    """
-    import inspect
-
-    from modelscope_cnclip.video import check_sampling, encode_videos
-    unknown = sorted(set(options) - set(VIDEO_OPTIONS))
-    if unknown:
-        raise ValueError(f'unknown video option(s) {unknown}; video jobs take {list(VIDEO_OPTIONS)}')
-    defaults = inspect.signature(encode_videos).parameters
-    sampling = {k: options.get(k, defaults[k].default) for k in VIDEO_OPTIONS}
-    check_sampling(sampling['num_frames'], sampling['mode'], sampling['sample_fps'], sampling['max_frames'])
-    used = ('mode', 'num_frames') if sampling['mode'] == 'uniform' else ('mode', 'sample_fps', 'max_frames')
-    return {k: sampling[k] for k in used}
-
-
-def _vector_options(model: CNClip, modality: str, video_options: Mapping[str, Any]) -> dict[str, Any]:
+def _vector_options(model: CNClip, modality: str, sampling: FrameSampling) -> dict[str, Any]:
     """Every option besides the model and the inputs that changes the vectors: recorded in ``meta.json`` and
     compared when a job is rerun, so a resumed job is never a mix."""
     options: dict[str, Any] = {'precision': model.precision}
     if modality == 'image':
         options['fast_decode'] = model.transform.fast_decode
     if modality == 'video':
-        options['video'] = video_sampling(video_options)
+        options['video'] = sampling.recorded()
     return options
 
 
@@ -167,33 +145,12 @@ def _finish(out: Path, meta: dict[str, Any]) -> tuple[int, int]:
     return embedded, len(failures)
 
 
-def _check_job_options(engine: str, shard_size: int, batch_size: int | None, num_threads: int,
-                       num_workers: int | None, gpus_per_worker: float, schedule_timeout: float | None,
-                       video_options: Mapping[str, Any]) -> None:
-    """Refuse invalid job options before anything is read, loaded or started (the same errors under every
-    engine)."""
-    if engine not in ENGINES:
-        raise ValueError(f'engine={engine!r}: choose one of {ENGINES}')
-    for name, value, low in (('shard_size', shard_size, 1), ('batch_size', batch_size, 1),
-                             ('num_threads', num_threads, 0), ('num_workers', num_workers, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ValueError(f'{name}={value!r}: expected a whole number >= {low}')
-    if not (isinstance(gpus_per_worker, (int, float)) and 0 <= gpus_per_worker < float('inf')):
-        raise ValueError(f'gpus_per_worker={gpus_per_worker!r}: expected a number >= 0 (0: CPU workers)')
-    if schedule_timeout is not None and not (isinstance(schedule_timeout, (int, float))
-                                             and 0 <= schedule_timeout < float('inf')):
-        raise ValueError(f'schedule_timeout={schedule_timeout!r}: expected seconds >= 0, or None for no limit')
-    video_sampling(video_options)
-
-
 def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLike | Collection,
-                     out: str | os.PathLike, modality: str = 'auto', split: str | None = None,
+                     out: str | os.PathLike, *, modality: Modality = 'auto', split: str | None = None,
                      columns: Mapping[str, str] | None = None, root: str | os.PathLike | None = None,
-                     batch_size: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, num_threads: int = 0,
-                     overwrite: bool = False, progress: bool | None = None, engine: str = 'local',
-                     device: str = 'cpu', precision: str = 'fp32', fast_decode: bool = False,
-                     ray_address: str | None = None, num_workers: int | None = None, gpus_per_worker: float = 0.0,
-                     schedule_timeout: float | None = DEFAULT_SCHEDULE_TIMEOUT, **video_options: Any) -> EmbedReport:
+                     settings: ShardSettings = DEFAULT_SETTINGS, engine: Engine = 'local',
+                     ray: RayOptions = DEFAULT_RAY, overwrite: bool = False, progress: bool | None = None,
+                     device: str = 'cpu', precision: Precision = 'fp32', fast_decode: bool = False) -> EmbedReport:
     """Embed a whole collection into the embeddings dir ``out``, resuming an interrupted run of the same job.
 
     Args:
@@ -201,38 +158,32 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
             ``precision``, ``fast_decode``).
         source: anything :func:`~modelscope_cnclip.jobs.collection.open_collection` opens (with ``modality``,
             ``split``, ``columns``, ``root``), or an opened :class:`Collection`.
-        batch_size: inputs per forward pass (default: :func:`auto_batch_size`).
-        shard_size: inputs per output shard (the unit of resumption and of Ray tasks).
-        num_threads: image decode threads (0: one per CPU, at most 8).
+        settings: shard size, batch size, decoding threads and the frame sampling of videos
+            (:class:`~modelscope_cnclip.jobs.shards.ShardSettings`).
+        engine: ``'local'``, or ``'ray'`` as ``ray`` says (:class:`~modelscope_cnclip.jobs.ray_engine.RayOptions`;
+            every worker must see ``out`` and the inputs, e.g. a shared filesystem).
         overwrite: replace an existing embeddings dir of another job instead of refusing.
         progress: show a progress bar (default: when stderr is a terminal).
-        engine: ``'local'`` or ``'ray'`` (Ray Data over ``ray_address``, ``num_workers`` actors with
-            ``gpus_per_worker`` GPUs each; every worker must see ``out`` and the inputs, e.g. a shared filesystem).
-        schedule_timeout: seconds to wait for a node of the ``ray_address`` cluster that can hold a worker (an
-            autoscaler may add one) before giving up (``None``: no limit); a Ray instance the job starts itself
-            refuses such a request at once.
-        video_options: ``num_frames``, ``mode``, ``sample_fps``, ``max_frames`` for video collections (see
-            :func:`video_sampling`); validated for every job.
     Returns:
         An :class:`EmbedReport`; failed inputs are in ``out/errors.jsonl``.
     Raises:
-        ValueError: an invalid option (before anything is read, loaded or started, under every engine), or an
-            ``out`` holding another job: other inputs, model, modality, shard size, or option that changes the
-            vectors (``meta.json``'s ``options``: precision, ``fast_decode`` for images, the frame sampling for
-            videos); ``overwrite=True`` recomputes instead.
+        ValueError: an invalid option (the settings are validated when made, so before anything is read, loaded or
+            started, under every engine), or an ``out`` holding another job: other inputs, model, modality, shard
+            size, or option that changes the vectors (``meta.json``'s ``options``: precision, ``fast_decode`` for
+            images, the frame sampling for videos); ``overwrite=True`` recomputes instead.
     """
-    _check_job_options(engine, shard_size, batch_size, num_threads, num_workers, gpus_per_worker, schedule_timeout,
-                       video_options)
+    if engine not in ENGINES:
+        raise ValueError(f'engine={engine!r}: choose one of {list(ENGINES)}')
     started = time.perf_counter()
     coll = source if isinstance(source, Collection) else open_collection(source, modality, split, columns, root)
     if not isinstance(model, CNClip):
         model = load(model, device=device, precision=precision, fast_decode=fast_decode)
     out = Path(out)
-    num_shards = -(-len(coll) // shard_size)
+    num_shards = -(-len(coll) // settings.shard_size)
     meta = {'model': model.info(), 'modality': coll.modality,
-            'options': _vector_options(model, coll.modality, video_options),
+            'options': _vector_options(model, coll.modality, settings.sampling),
             'input': {**coll.describe(), 'digest': ids_digest([i.id for i in coll.items])},
-            'shard_size': shard_size, 'num_shards': num_shards, 'dtype': 'float32', 'normalized': True,
+            'shard_size': settings.shard_size, 'num_shards': num_shards, 'dtype': 'float32', 'normalized': True,
             'complete': False}
     resumed = [k for k in _prepare_out(out, meta, overwrite) if k < num_shards]
     write_meta(out, meta)
@@ -241,12 +192,11 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
     if resumed:
         logger.info('%s: %d of %d shards already written; embedding the other %d', out, len(resumed), num_shards,
                     len(todo))
-    size = batch_size or auto_batch_size(model, coll.modality)
+    size = settings.batch_size or auto_batch_size(model, coll.modality)
     if todo and engine == 'ray':
-        ray_engine.run_ray(model, coll, out, todo, shard_size, size, num_threads, ray_address, num_workers,
-                           gpus_per_worker, video_options, schedule_timeout=schedule_timeout)
+        ray_engine.run_ray(model, coll, out, todo, settings, size, ray)
     elif todo:
-        _run_local(model, coll, out, todo, shard_size, size, num_threads, progress, video_options)
+        _run_local(model, coll, out, todo, settings, size, progress)
     embedded, failed = _finish(out, meta)
     report = EmbedReport(str(out), coll.modality, len(coll), embedded, failed, num_shards, len(resumed),
                          round(time.perf_counter() - started, 3), str(out / ERRORS))
@@ -264,17 +214,17 @@ def _progress_bar(total: int, initial: int, enabled: bool | None) -> Any:
     return tqdm(total=total, initial=initial, unit='input', desc='embedding', disable=disable)
 
 
-def _run_local(model: CNClip, coll: Collection, out: Path, todo: list[int], shard_size: int, batch_size: int,
-               num_threads: int, progress: bool | None, video_options: Mapping[str, Any]) -> None:
-    threads = num_threads or default_threads()
-    remaining = sum(len(shard_items(coll, k, shard_size)) for k in todo)
+def _run_local(model: CNClip, coll: Collection, out: Path, todo: list[int], settings: ShardSettings, batch_size: int,
+               progress: bool | None) -> None:
+    threads = settings.num_threads or default_threads()
+    remaining = sum(len(shard_items(coll, k, settings.shard_size)) for k in todo)
     bar = _progress_bar(len(coll), len(coll) - remaining, progress)
     size = [batch_size]
     pool = ThreadPoolExecutor(threads, thread_name_prefix='cnclip-embed') if threads > 1 else None
     try:
         for k in todo:
-            n, bad = embed_shard(model, coll, out, k, shard_size, size, pool, bar.update if bar else None,
-                                 video_options)
+            n, bad = embed_shard(model, coll, out, k, settings, size, pool=pool,
+                                 progress=bar.update if bar else None)
             logger.debug('%s: shard %d written (%d embedded, %d failed)', out, k, n, bad)
     finally:
         if pool is not None:

@@ -19,7 +19,7 @@ from modelscope_cnclip.checkpoints.layouts import PLUGIN_CONFIG
 from modelscope_cnclip.config import RESOURCES
 from modelscope_cnclip.ms import PIPELINE_TYPE
 from modelscope_cnclip.ms.model import RAW_KEYS, CNClipForMultiModalEmbedding, check_input_keys
-from modelscope_cnclip.ms.preprocessor import VIDEO_PARAMS, CNClipPreprocessor
+from modelscope_cnclip.ms.preprocessor import CNClipPreprocessor
 
 
 @PIPELINES.register_module(Tasks.multi_modal_embedding, module_name=PIPELINE_TYPE)
@@ -28,8 +28,8 @@ class CNClipPipeline(Pipeline):
     """Embed images, texts and/or videos: ``{'img': ..., 'text': ..., 'video': ...}`` ->
     ``{'img_embedding', 'text_embedding', 'video_embedding'}`` (``None`` for a missing modality).
 
-    A call takes the video frame sampling as keyword arguments: ``p({'video': path}, num_frames=16)``,
-    ``video_mode='fps'``, ``sample_fps``, ``max_frames`` (see :func:`modelscope_cnclip.video.sample_indices`).
+    A call takes the video frame sampling: ``p({'video': path}, sampling=FrameSampling(num_frames=16))`` (or a dict
+    of its fields; see :class:`modelscope_cnclip.video.FrameSampling`).
 
     Args:
         model: a :class:`CNClipForMultiModalEmbedding`, or any source it reads (dir, weights file, hub id).
@@ -72,10 +72,10 @@ class CNClipPipeline(Pipeline):
                              'e.g. {"text": ["皮卡丘"]}')
 
     def _sanitize_parameters(self, **pipeline_parameters: Any) -> tuple[dict, dict, dict]:
-        unknown = sorted(set(pipeline_parameters) - set(VIDEO_PARAMS))
+        unknown = sorted(set(pipeline_parameters) - {'sampling'})
         if unknown:
-            raise TypeError(f'unknown pipeline argument(s) {unknown}; a call takes {list(VIDEO_PARAMS)} '
-                            f'(video frame sampling) and batch_size')
+            raise TypeError(f'unknown pipeline argument(s) {unknown}; a call takes sampling= (a FrameSampling: '
+                            f'which video frames) and batch_size=')
         return pipeline_parameters, {}, {}
 
     def _process_batch(self, input: list[dict[str, Any]], batch_size: int, **kwargs: Any) -> list[dict[str, Any]]:

@@ -156,7 +156,7 @@ class CNClipTrainer(EpochBasedTrainer):
         cfg_overrides: dict of config keys to override, e.g. ``{'train': {'max_epochs': 3}}``.
         mask_ratio: FLIP patch masking ratio during training (ViT only); freeze_vision: train the text tower only;
         grad_checkpointing: trade compute for activation memory; full_grad_gather: all-gather with gradients.
-        skip_corrupt: skip unreadable images (each reported once) instead of stopping.
+        skip_errors: skip unreadable images (each reported once) instead of stopping.
         accum_freq: split each batch into this many chunks that go through the network one at a time, while the
             loss still contrasts every pair of the whole batch (features of the other chunks are cached, as the
             official training does): the memory of a chunk, the negatives of the batch.
@@ -167,7 +167,7 @@ class CNClipTrainer(EpochBasedTrainer):
     def __init__(self, model: Any = None, cfg_file: str | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, work_dir: str | None = None, cfg_overrides: Mapping | None = None,
                  mask_ratio: float = 0.0, freeze_vision: bool = False, grad_checkpointing: bool = False,
-                 full_grad_gather: bool = False, skip_corrupt: bool = False, device: str | None = None,
+                 full_grad_gather: bool = False, skip_errors: bool = False, device: str | None = None,
                  accum_freq: int = 1, amp: str | None = None, **kwargs: Any) -> None:
         _check_options(amp, accum_freq, mask_ratio)
         cfg = _merged_config(cfg_file, cfg_overrides)
@@ -192,7 +192,7 @@ class CNClipTrainer(EpochBasedTrainer):
 
         column_map = cfg.get('dataset', {}).get('column_map')
         self.train_pairs, self.eval_pairs = (
-            PairDataset(read_pairs(data, split, column_map), model.transform, model.tokenizer, skip_corrupt)
+            PairDataset(read_pairs(data, split, column_map), model.transform, model.tokenizer, skip_errors)
             if data is not None else None for data, split in ((train_dataset, 'train'), (eval_dataset, 'valid')))
 
         model.clip.set_grad_checkpointing(grad_checkpointing)
@@ -332,15 +332,15 @@ class CNClipTrainer(EpochBasedTrainer):
         in-batch recall over consecutive chunks of ``evaluation.dataloader.batch_size_per_gpu`` pairs.
 
         The pairs are read directly (each image and text embedded once, images streamed through the threaded
-        decode), not through ``data_loader``: its ``shuffle``/``drop_last`` and the dataset's skip_corrupt
-        replacement would change which pairs are scored. With skip_corrupt, unreadable images and their pairs are
+        decode), not through ``data_loader``: its ``shuffle``/``drop_last`` and the dataset's skip_errors
+        replacement would change which pairs are scored. With skip_errors, unreadable images and their pairs are
         left out (logged, and added to ``eval_dataset.skipped``); without it they stop evaluation naming the image.
         """
         model = getattr(self.model, 'module', self.model)
         model.eval()
         batch_size = int(self.cfg.safe_get('evaluation.dataloader.batch_size_per_gpu', 64))
         try:
-            scores = evaluate_pairs(model.core, self.eval_pairs.pairs, batch_size, self.eval_pairs.skip_corrupt)
+            scores = evaluate_pairs(model.core, self.eval_pairs.pairs, batch_size, self.eval_pairs.skip_errors)
         finally:
             model.train()
         if scores['skipped']:

@@ -25,14 +25,14 @@ class PairDataset(Dataset):
         pairs: a list of ``(image, text, image_id)``, where ``image`` is anything :func:`load_image` reads (or a
             zero-argument callable returning it, for lazily read images).
         transform, tokenizer: the model's preprocessing.
-        skip_corrupt: replace an unreadable image by the next readable pair (logged with its id) instead of
+        skip_errors: replace an unreadable image by the next readable pair (logged with its id) instead of
             raising. Never silent: ``skipped`` lists the ids.
     """
 
     def __init__(self, pairs: Sequence[tuple[Any, str, Any]], transform: ImageTransform, tokenizer: Tokenizer,
-                 skip_corrupt: bool = False) -> None:
+                 skip_errors: bool = False) -> None:
         self.pairs = list(pairs)
-        self.transform, self.tokenizer, self.skip_corrupt = transform, tokenizer, skip_corrupt
+        self.transform, self.tokenizer, self.skip_errors = transform, tokenizer, skip_errors
         self.skipped: list = []
 
     def __len__(self) -> int:
@@ -44,8 +44,8 @@ class PairDataset(Dataset):
             try:
                 pixels = self.transform(image() if callable(image) else image)
             except (OSError, ValueError, TypeError) as e:
-                if not self.skip_corrupt:
-                    raise ValueError(f'image {image_id!r}: {e}; pass skip_corrupt=True to skip such images') from None
+                if not self.skip_errors:
+                    raise ValueError(f'image {image_id!r}: {e}; pass skip_errors=True to skip such images') from None
                 if image_id not in self.skipped:
                     self.skipped.append(image_id)
                     logger.warning('skipping unreadable image %r: %s', image_id, e)
