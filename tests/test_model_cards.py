@@ -141,7 +141,7 @@ def test_description_and_usage(name):
     usage = section(body, 'How to use with this plugin')
     assert 'pip install modelscope_cnclip' in usage and 'import modelscope_cnclip' in usage
     assert ("pipeline_name='cnclip-multi-modal-embedding'" in usage
-            or re.search(r"cnclip convert \S+ (\S+)", usage))
+            or re.search(r"cnclip convert \S+ --out (\S+)", usage))
     assert "p.forward({'img': " in usage and "['img_embedding']" in usage
     assert "p({'text': [" in usage and "['text_embedding']" in usage
     assert 'probs = ((img / p.model.temperature) @ txt.t()).softmax(-1)' in usage
@@ -153,7 +153,7 @@ def test_description_and_usage(name):
 
 def test_rn50_uses_a_converted_plugin_dir():
     usage = section(load('RN50')[1], 'How to use with this plugin')
-    assert 'cnclip convert clip_cn_rn50.pt rn50-plugin' in usage
+    assert 'cnclip convert clip_cn_rn50.pt --out rn50-plugin' in usage
     assert "pipeline(task=Tasks.multi_modal_embedding, model='rn50-plugin')" in usage
     assert "model='damo/" not in usage
 
