@@ -8,7 +8,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from test_evaluation import SCORING, official_result
+from test_retrieval import SCORING, official_result
 
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.data import OfficialSplit, make_synthetic_split, parse_id, read_jsonl
