@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from modelscope_cnclip.checkpoints import Checkpoint, write_dir
 
-    from conftest import TINY_VIT, random_state_dict
+    from helpers import TINY_VIT, random_state_dict
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = write_dir(Checkpoint(random_state_dict(TINY_VIT), TINY_VIT), tmp / 'model')

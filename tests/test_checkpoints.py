@@ -1,4 +1,5 @@
-"""Every checkpoint layout loads (strictly, safely) and converts both ways without changing a tensor."""
+"""checkpoints/ (convert.py, layouts.py): every checkpoint layout loads (strictly, safely) and converts both ways
+without changing a tensor; architectures detected from shapes, prefixes stripped, clear refusals."""
 import json
 import pickle
 
@@ -18,13 +19,7 @@ from modelscope_cnclip.checkpoints.convert import (
 from modelscope_cnclip.config import available_models, get_config
 from modelscope_cnclip.model import CLIP
 
-from conftest import TINY_RN, TINY_VIT, write_hub_dir, write_official_pt
-
-
-def assert_same(a, b):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+from helpers import TINY_RN, TINY_VIT, assert_same, write_hub_dir, write_official_pt
 
 
 @pytest.mark.parametrize('name', available_models())

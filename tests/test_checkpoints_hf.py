@@ -1,4 +1,5 @@
-"""Interop with transformers' ChineseCLIPModel: its dirs load here, ours load there, same embeddings."""
+"""checkpoints/hf.py: interop with transformers' ChineseCLIPModel: its dirs load here, ours load there, same
+embeddings."""
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from modelscope_cnclip import convert, load, read_source
 from modelscope_cnclip.checkpoints.hf import config_to_hf
 from modelscope_cnclip.cli import main
 
-from conftest import TINY_VIT
+from helpers import TINY_VIT
 
 TEXTS = ['杰尼龟', '一只橘猫趴在窗台上晒太阳', 'Pikachu 皮卡丘!']
 

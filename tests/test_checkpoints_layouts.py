@@ -1,5 +1,6 @@
-"""Every layout this project writes or meets loads back: a cnclip-trainer run's checkpoint files, state dicts under
-any one model prefix, sharded weights, and custom sizes whose guessed fields stay visible."""
+"""checkpoints/layouts.py (with convert.py): every layout this project writes or meets loads back: a cnclip-trainer
+run's checkpoint files, state dicts under any one model prefix, sharded weights, and custom sizes whose guessed
+fields stay visible."""
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from modelscope_cnclip.config import CLIPConfig, TextConfig, VisionConfig, avail
 from modelscope_cnclip.data import make_synthetic_split
 from modelscope_cnclip.model import CLIP
 
-from conftest import TINY_RN, TINY_VIT, random_state_dict, write_hub_dir, write_official_pt
+from helpers import TINY_RN, TINY_VIT, assert_same, random_state_dict, write_hub_dir, write_official_pt
 
 # 64-wide heads: the shapes alone give the right config (still a custom size, so its head counts are "guessed").
 TINY64 = CLIPConfig(
@@ -41,12 +42,6 @@ TINY64 = CLIPConfig(
                     max_position_embeddings=64))
 PIPELINE = 'cnclip-multi-modal-embedding'
 TEXTS = ['杰尼龟', '一只橘猫趴在窗台上晒太阳']
-
-
-def assert_same(a, b):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def run_cli(capsys, *argv):

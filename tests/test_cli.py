@@ -1,5 +1,5 @@
-"""The CLI as declared: shared options declared once, choices from the library's constants, --version, -v anywhere,
-one name for outputs, one-line usage errors."""
+"""cli.py: the CLI as declared: shared options declared once, choices from the library's constants, --version, -v
+anywhere, one name for outputs, one-line usage errors. (Each command's behaviour is tested with the module it runs.)"""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""Architectures as data: scanning, published parameter counts, strict parsing, hub config round trips."""
+"""config.py: architectures as data: scanning, published parameter counts, strict parsing, hub config round trips."""
 import json
 
 import pytest

@@ -1,6 +1,7 @@
-"""Self-made official-format data: files saved by Windows tools and ids written as strings are read as the official
-tools read them (ids compared as ``"{}".format(id)`` strings), by every reader: the split, its LMDB form, the
-trainer's pairs, collections, `cnclip eval` and the scorer. Ids that still do not match are reported with the cause.
+"""data.py: the official split written and read back, and self-made official-format data: files saved by Windows
+tools and ids written as strings are read as the official tools read them (ids compared as ``"{}".format(id)``
+strings), by every reader: the split, its LMDB form, the trainer's pairs, collections, `cnclip eval` and the scorer.
+Ids that still do not match are reported with the cause.
 """
 import base64
 import json
@@ -8,15 +9,41 @@ import pickle
 from pathlib import Path
 
 import pytest
-from test_retrieval import SCORING, official_result
 
 from modelscope_cnclip.cli import main
-from modelscope_cnclip.data import OfficialSplit, make_synthetic_split, parse_id, read_jsonl
+from modelscope_cnclip.data import (
+    OfficialSplit,
+    TextRecord,
+    make_synthetic_split,
+    parse_id,
+    read_jsonl,
+    write_official_split,
+)
 from modelscope_cnclip.evaluation.retrieval import score_predictions
 from modelscope_cnclip.jobs.collection import open_collection
 from modelscope_cnclip.train import read_pairs
 
+from helpers import SCORING, official_result
+
 BOM = '\ufeff'
+
+
+def test_official_split_round_trip_and_errors(tmp_path, images):
+    texts = [TextRecord(1, '猫', (7,)), TextRecord(2, '两只猫', (7, 8))]
+    write_official_split(tmp_path, 'valid', {7: images[0], 8: images[1]}, texts)
+    split = OfficialSplit(tmp_path, 'valid')
+    assert split.image_ids == [7, 8] and split.texts == texts
+    assert list(split.pairs()) == [(1, '猫', 7), (2, '两只猫', 7), (2, '两只猫', 8)]
+    assert split.image_bytes(8)[:2] == b'\xff\xd8'  # JPEG
+    with pytest.raises(FileNotFoundError, match=r"split 'test' needs \['test_imgs.tsv', 'test_texts.jsonl'\]"):
+        OfficialSplit(tmp_path, 'test')
+    (tmp_path / 'bad_texts.jsonl').write_text('{"text_id": 1, "text": "x", "image_ids": [99]}\n')
+    (tmp_path / 'bad_imgs.tsv').write_text((tmp_path / 'valid_imgs.tsv').read_text())
+    with pytest.raises(ValueError, match=r'image ids \[99\] are not in bad_imgs.tsv'):
+        OfficialSplit(tmp_path, 'bad')
+    (tmp_path / 'bad_texts.jsonl').write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match=r'bad_texts.jsonl:1: expected'):
+        OfficialSplit(tmp_path, 'bad')
 
 
 def windows_copy(src: Path, dst: Path, split: str) -> None:

@@ -13,7 +13,8 @@ import pytest
 
 import modelscope_cnclip
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 PKG = Path(modelscope_cnclip.__file__).parent
 HEAVY = ('torch', 'transformers', 'modelscope', 'PIL', 'numpy', 'faiss', 'ray', 'decord', 'av')
 

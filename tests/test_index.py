@@ -1,5 +1,5 @@
-"""Vector index and search: exact results against numpy, approximate recall, persistence, incremental adds, the
-refusals (duplicates, dimension, model), the Searcher with a tiny model, and the CLI."""
+"""index.py: vector index and search: exact results against numpy, approximate recall, persistence, incremental
+adds, the refusals (duplicates, dimension, model), the Searcher with a tiny model, and the CLI."""
 from __future__ import annotations
 
 import json
@@ -13,13 +13,12 @@ from PIL import Image
 pytest.importorskip('faiss')
 
 import modelscope_cnclip.index as index_mod  # noqa: E402
-from modelscope_cnclip import load  # noqa: E402
 from modelscope_cnclip.cli import main  # noqa: E402
 from modelscope_cnclip.config import match_architecture  # noqa: E402
 from modelscope_cnclip.embeddings import write_meta, write_shard  # noqa: E402
 from modelscope_cnclip.index import Hit, Index, IndexOptions, Searcher, query_kind  # noqa: E402
 
-from conftest import DATA, TINY_VIT, random_state_dict, write_hub_dir  # noqa: E402
+from helpers import DATA, TINY_VIT, random_state_dict, write_hub_dir  # noqa: E402
 
 D = 32
 MODEL_A = {'source': '/models/a', 'fingerprint': 'a' * 16, 'arch': 'custom', 'embed_dim': D, 'precision': 'fp32'}
@@ -327,12 +326,8 @@ def test_query_kind(tmp_path: Path) -> None:
 # --- with a model -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
-def model(plugin_vit_dir: Path):
-    return load(plugin_vit_dir)
-
-
-@pytest.fixture(scope='module')
-def photo_index(tmp_path_factory: pytest.TempPathFactory, model, images: list[Image.Image]) -> tuple[Path, Path]:
+def photo_index(tmp_path_factory: pytest.TempPathFactory, tiny_model,
+                images: list[Image.Image]) -> tuple[Path, Path]:
     """An image folder embedded with the tiny model: (index dir, folder)."""
     tmp = tmp_path_factory.mktemp('search')
     folder = tmp / 'photos'
@@ -340,29 +335,29 @@ def photo_index(tmp_path_factory: pytest.TempPathFactory, model, images: list[Im
     for rel, im in zip(rels, images):
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         im.save(folder / rel)
-    vectors = model.encode_image([str(folder / r) for r in rels]).numpy()
-    info = {'source': model.source, 'fingerprint': model.fingerprint,
-            'arch': match_architecture(model.config) or 'custom', 'embed_dim': model.config.embed_dim,
-            'precision': model.precision}
+    vectors = tiny_model.encode_image([str(folder / r) for r in rels]).numpy()
+    info = {'source': tiny_model.source, 'fingerprint': tiny_model.fingerprint,
+            'arch': match_architecture(tiny_model.config) or 'custom', 'embed_dim': tiny_model.config.embed_dim,
+            'precision': tiny_model.precision}
     emb = write_embeddings(tmp / 'photos.emb', rels, vectors, model=info, root=str(folder),
                            sources=[str(folder / r) for r in rels])
     return Index.build(emb).save(tmp / 'photos.index'), folder
 
 
-def test_searcher_text_and_image_queries(photo_index: tuple[Path, Path], model, images: list) -> None:
+def test_searcher_text_and_image_queries(photo_index: tuple[Path, Path], tiny_model, images: list) -> None:
     index_dir, folder = photo_index
     searcher = Searcher.open(index_dir)  # loads the model recorded in the index
-    assert searcher.model.fingerprint == model.fingerprint
+    assert searcher.model.fingerprint == tiny_model.fingerprint
     hits = searcher.search(str(folder / 'sub' / 'b.png'), k=3)  # an existing file: image-to-image
     assert hits[0].id == 'sub/b.png' and hits[0].path == str(folder / 'sub' / 'b.png')
     assert hits[0].score == pytest.approx(1.0, abs=1e-4) and len(hits) == 3
     assert searcher.search(images[2], k=1)[0].id == 'sub/c.png'  # a PIL image
     text = searcher.search('海边的日落', k=3)
-    vectors = model.encode_image([str(folder / h) for h in ('a.png', 'sub/b.png', 'sub/c.png')]).numpy()
-    expect = np.argsort(-(vectors @ model.encode_text('海边的日落').numpy()[0]))
+    vectors = tiny_model.encode_image([str(folder / h) for h in ('a.png', 'sub/b.png', 'sub/c.png')]).numpy()
+    expect = np.argsort(-(vectors @ tiny_model.encode_text('海边的日落').numpy()[0]))
     assert [h.id for h in text] == [['a.png', 'sub/b.png', 'sub/c.png'][i] for i in expect]
     forced = searcher.search(str(folder / 'a.png'), k=3, kind='text')  # the path as text
-    q = model.encode_text(str(folder / 'a.png')).numpy()[0]
+    q = tiny_model.encode_text(str(folder / 'a.png')).numpy()[0]
     assert [h.score for h in forced] == pytest.approx(sorted((vectors @ q).tolist(), reverse=True), abs=1e-5)
     assert searcher.search_vectors(vectors[0], k=1)[0].id == 'a.png'
     with pytest.raises(ValueError, match="kind='audio'"):

@@ -1,5 +1,7 @@
-"""Fast paths keep their promises: bf16 mode stays close to exact mode, the prefetching and reduced-size decode
-pipelines give what the plain path gives, and the inference-only shortcuts equal the autograd path."""
+"""inference.py: the loaded model's scoring contract (``encode_image`` / ``encode_text`` with ``normalize=``,
+``similarity`` as cosine similarities and ``probabilities`` as the official quick start's softmax over texts), the
+checks on what it is given (token ids, batch sizes, texts), and the fast paths keeping their promises: bf16 mode
+stays close to exact mode, the prefetching and reduced-size decode pipelines give what the plain path gives."""
 import json
 
 import numpy as np
@@ -10,16 +12,112 @@ from PIL import Image
 
 from modelscope_cnclip.checkpoints.convert import clean_official
 from modelscope_cnclip.checkpoints.layouts import Checkpoint
+from modelscope_cnclip.cli import main
 from modelscope_cnclip.config import config_from_hub
 from modelscope_cnclip.inference import CNClip, encode_images
-from modelscope_cnclip.model import CLIP
 from modelscope_cnclip.transform import load_image
 
-from conftest import DATA, TINY_RN, TINY_VIT, random_state_dict
 from golden.weights import load_spec, make_state_dict
+from helpers import GOLDEN
+from helpers import POKEMON_TEXTS as TEXTS
 
-GOLDEN = DATA / 'golden'
+# --- the scoring contract -------------------------------------------------------------------------------------------
 
+def test_normalize_false_gives_the_raw_features(tiny_model, images) -> None:
+    raw_img = tiny_model.encode_image(images, normalize=False)
+    raw_txt = tiny_model.encode_text(TEXTS, normalize=False)
+    assert raw_img.shape == (3, 32) and raw_txt.shape == (4, 32) and raw_img.dtype == raw_txt.dtype == torch.float32
+    assert not torch.allclose(raw_img.norm(dim=-1), torch.ones(3), atol=1e-3)  # really unnormalised
+    # The raw features are the towers' outputs: what the network's own encode_* return on the same input.
+    pixels = torch.stack([tiny_model.transform(im) for im in images])
+    ids = tiny_model.tokenizer(TEXTS)['input_ids']
+    with torch.inference_mode():
+        assert torch.allclose(raw_img, tiny_model.model.encode_image(pixels), atol=1e-5)
+        assert torch.allclose(raw_txt, tiny_model.model.encode_text(ids), atol=1e-5)
+    # normalize=True (the default) is the same rows, L2-normalised.
+    assert torch.allclose(tiny_model.encode_image(images), F.normalize(raw_img, dim=-1), atol=1e-6)
+    assert torch.equal(tiny_model.encode_text(TEXTS), tiny_model.encode_text(TEXTS, normalize=True))
+    assert torch.allclose(tiny_model.encode_text(TEXTS), F.normalize(raw_txt, dim=-1), atol=1e-6)
+    with pytest.raises(TypeError):
+        tiny_model.encode_text(TEXTS, 8, True)  # normalize is keyword-only
+
+
+def test_similarity_is_the_cosine_similarity(tiny_model, images) -> None:
+    sim = tiny_model.similarity(images, TEXTS)
+    assert sim.shape == (3, 4) and sim.dtype == torch.float32
+    want = F.cosine_similarity(tiny_model.encode_image(images, normalize=False)[:, None],
+                               tiny_model.encode_text(TEXTS, normalize=False)[None], dim=-1)
+    assert torch.allclose(sim, want, atol=1e-5)
+    assert (sim.abs() <= 1 + 1e-6).all() and not torch.allclose(sim.sum(-1), torch.ones(3))  # not probabilities
+    assert tiny_model.similarity(images[0], '皮卡丘').shape == (1, 1)
+
+
+def test_probabilities_are_the_softmax_of_the_scaled_similarities(tiny_model, images) -> None:
+    probs = tiny_model.probabilities(images, TEXTS)
+    assert probs.shape == (3, 4) and torch.allclose(probs.sum(-1), torch.ones(3), atol=1e-6)
+    # REFERENCE §3 and the official quick start: softmax over texts of (img / temperature) @ text.T.
+    img, txt = tiny_model.encode_image(images), tiny_model.encode_text(TEXTS)
+    assert torch.allclose(probs, ((img / tiny_model.temperature) @ txt.t()).softmax(-1), atol=1e-6)
+    assert torch.allclose(probs, (tiny_model.similarity(images, TEXTS) / tiny_model.temperature).softmax(-1),
+                          atol=1e-6)
+    with pytest.raises(ValueError, match='probabilities needs at least one text'):
+        tiny_model.probabilities(images, [])
+    with pytest.raises(ValueError, match='similarity needs at least one text'):
+        tiny_model.similarity(images, [])
+
+
+# --- what the model is given ----------------------------------------------------------------------------------------
+
+def test_token_ids_are_checked_before_the_text_tower(tiny_model, tiny_pipe):
+    ids = tiny_model.tokenizer(['一只猫', '狗'])['input_ids']
+    assert torch.equal(tiny_model.encode_text(ids), tiny_model.encode_text(['一只猫', '狗']))
+    too_long = torch.cat([ids[:1, :-1], torch.full((1, 130), 100), ids[:1, -1:]], dim=1)  # 128 positions
+    with pytest.raises(ValueError, match=r'token ids are 135 long, but the text tower has 128 positions; tokenize '
+                                         r"texts with model.tokenizer\(texts\)\['input_ids'\] \(which truncates to "
+                                         r'the context length 52\)'):
+        tiny_model.encode_text(too_long)
+    with pytest.raises(ValueError, match=r'must lie in \[0, 21128\) \(the vocabulary\), got values 101..30000'):
+        tiny_model.encode_text(torch.tensor([[101, 30000, 102]]))
+    with pytest.raises(ValueError, match=r'got values -1..102'):
+        tiny_model.encode_text(torch.tensor([[101, -1, 102]]))
+    with pytest.raises(TypeError, match='token ids must be an integer tensor, got torch.float32'):
+        tiny_model.encode_text(ids.float())
+    with pytest.raises(ValueError, match=r'token ids must be \(N, L\) with L >= 1, got \(1, 2, 3\)'):
+        tiny_model.encode_text(torch.ones(1, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r'token ids must be \(N, L\) with L >= 1, got \(1, 0\)'):
+        tiny_model.encode_text(torch.zeros(1, 0, dtype=torch.long))
+    # the hint works as written, and any integer dtype is taken
+    assert torch.equal(tiny_model.encode_text(tiny_model.tokenizer(['一只猫'])['input_ids']),
+                       tiny_model.encode_text('一只猫'))
+    for dtype in (torch.int32, torch.int16):
+        assert torch.equal(tiny_model.encode_text(ids.to(dtype)), tiny_model.encode_text(ids)), dtype
+    with pytest.raises(ValueError, match='128 positions'):
+        tiny_pipe({'input_ids': too_long})
+    assert torch.equal(tiny_pipe({'text': ids.to(torch.int16)})['text_embedding'], tiny_model.encode_text(ids))
+
+
+def test_similarity_needs_texts(tiny_model, photo):
+    with pytest.raises(ValueError, match='similarity needs at least one text'):
+        tiny_model.similarity(photo, [])
+
+
+def test_batch_sizes_must_be_positive(tiny_model, photo, plugin_vit_dir, tmp_path, capsys):
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match=f'batch_size={bad}: must be >= 1'):
+            tiny_model.encode_image([photo], batch_size=bad)
+        with pytest.raises(ValueError, match=f'batch_size={bad}: must be >= 1'):
+            tiny_model.encode_text(['猫'], batch_size=bad)
+    for argv in (['eval', str(plugin_vit_dir), '--data', str(tmp_path), '--batch-size', '0'],
+                 ['embed', str(plugin_vit_dir), str(tmp_path), '--out', str(tmp_path / 'e'), '--batch-size', '-1'],
+                 ['search', str(tmp_path), 'q', '--top-k', '0'],
+                 ['train', str(plugin_vit_dir), '--data', str(tmp_path), '--accum-freq', 'x']):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert 'expected a whole number >= 1' in capsys.readouterr().err
+
+
+# --- fast paths -----------------------------------------------------------------------------------------------------
 
 def golden_checkpoint(name: str) -> tuple[Checkpoint, dict]:
     d = GOLDEN / name
@@ -101,23 +199,3 @@ def test_reduced_size_jpeg_decode(tmp_path):
     fast = CNClip.from_checkpoint(golden_checkpoint('tiny-vit')[0], fast_decode=True)
     cos = (exact.encode_image(tmp_path / 'big.jpg') * fast.encode_image(tmp_path / 'big.jpg')).sum()
     assert 0.999 < cos < 1.0
-
-
-@pytest.mark.parametrize('cfg', [TINY_VIT, TINY_RN], ids=['vit', 'rn'])
-def test_inference_shortcuts_equal_the_autograd_path_and_every_parameter_learns(cfg):
-    model = CLIP(cfg)
-    model.load_state_dict(random_state_dict(cfg))
-    model.eval()
-    pixels = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size)
-    ids = torch.tensor([[101, 4344, 102, 0], [101, 100, 2523, 102], [101, 102, 0, 0]])
-    with torch.inference_mode():
-        fast_img, fast_txt = model.encode_image(pixels), model.encode_text(ids)
-    img, txt, scale = model(pixels.requires_grad_(), ids)
-    assert torch.allclose(F.normalize(fast_img, dim=-1), img, atol=1e-6)
-    assert torch.allclose(F.normalize(fast_txt, dim=-1), txt, atol=1e-6)
-    logits = scale * img @ txt.T
-    loss = (F.cross_entropy(logits, torch.arange(3)) + F.cross_entropy(logits.T, torch.arange(3))) / 2
-    loss.backward()
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    # token type 1 never occurs in Chinese CLIP's input, so its row gets no gradient (the tensor still does)
-    assert no_grad == [], no_grad

@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +9,7 @@ import torch
 from modelscope_cnclip import convert, load
 from modelscope_cnclip.cli import main
 
-from conftest import TINY_VIT, write_official_pt
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, TINY_VIT, write_official_pt
 
 
 def run_python(code: str) -> str:

@@ -1,4 +1,6 @@
-"""Embedding jobs: every input form, the shard format, resumption, error reports, and the Ray engine."""
+"""jobs/ (collection.py, shards.py, run.py) and embeddings.py: embedding jobs on every input form, the shard
+format, resumption, error reports, options recorded and compared, and the Ray engine writing what the local one does.
+(How the Ray engine fails is in test_ray_engine.py.)"""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,6 @@ import pytest
 from PIL import Image
 
 import modelscope_cnclip.jobs.run as embed_mod
-from modelscope_cnclip import load
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.data import make_synthetic_split, write_lmdb_split
 from modelscope_cnclip.embeddings import existing_shards, load_embeddings, read_shard, shard_path
@@ -20,25 +21,12 @@ from modelscope_cnclip.jobs.collection import open_collection
 from modelscope_cnclip.jobs.run import embed_collection
 from modelscope_cnclip.video import FrameSampling
 
-
-def uniform(n: int) -> FrameSampling:
-    """Centre frames of ``n`` equal segments."""
-    return FrameSampling(num_frames=n)
-
-
-def by_fps(**fields) -> FrameSampling:
-    """Frames by time: ``sample_fps`` a second, at most ``max_frames``."""
-    return FrameSampling(mode='fps', **fields)
+from helpers import by_fps, textured, uniform, write_video
 
 
 def _photo(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     rs = np.random.RandomState(seed)
     return Image.fromarray(rs.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope='module')
-def model(plugin_vit_dir: Path):
-    return load(plugin_vit_dir)
 
 
 @pytest.fixture()
@@ -102,43 +90,43 @@ def test_excel_csv_with_a_bom_and_a_named_id_column(tmp_path: Path) -> None:
             open_collection(table, columns={'id': 'key'})
 
 
-def test_embed_folder_matches_encode_image_and_reports_failures(model, photo_dir: Path, tmp_path: Path) -> None:
+def test_embed_folder_matches_encode_image_and_reports_failures(tiny_model, photo_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / 'photos.emb'
-    report = embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=3, batch_size=2))
+    report = embed_collection(tiny_model, photo_dir, out, settings=ShardSettings(shard_size=3, batch_size=2))
     assert (report.total, report.embedded, report.failed, report.shards) == (8, 7, 1, 3)
     emb = load_embeddings(out)
     assert 'broken.jpg' not in emb.ids and len(emb) == 7
     assert emb.failed[0]['id'] == 'broken.jpg' and emb.failed[0]['error']
     errors = [json.loads(line) for line in (out / 'errors.jsonl').read_text().splitlines()]
     assert [e['id'] for e in errors] == ['broken.jpg']
-    expected = model.encode_image([str(photo_dir / i) for i in emb.ids]).numpy()
+    expected = tiny_model.encode_image([str(photo_dir / i) for i in emb.ids]).numpy()
     np.testing.assert_allclose(emb.vectors, expected, atol=1e-5)
-    assert emb.meta['model']['fingerprint'] == model.fingerprint
+    assert emb.meta['model']['fingerprint'] == tiny_model.fingerprint
     assert emb.meta['input']['root'] == str(photo_dir.resolve())
     assert emb.sources[0] == str(photo_dir / 'a.jpg')
 
 
-def test_batches_sized_by_the_user_or_automatically(model, photo_dir: Path, tmp_path: Path,
+def test_batches_sized_by_the_user_or_automatically(tiny_model, photo_dir: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[int] = []
-    real = model.encode_image
+    real = tiny_model.encode_image  # the shared model: monkeypatch puts encode_image back after the test
 
     def spy(pixels, batch_size):
         sizes.append(len(pixels))
         return real(pixels, batch_size=batch_size)
-    monkeypatch.setattr(model, 'encode_image', spy)
-    embed_collection(model, photo_dir, tmp_path / 'a.emb', settings=ShardSettings(batch_size=3))
+    monkeypatch.setattr(tiny_model, 'encode_image', spy)
+    embed_collection(tiny_model, photo_dir, tmp_path / 'a.emb', settings=ShardSettings(batch_size=3))
     assert sizes == [3, 3, 1]  # 7 readable images
     sizes.clear()
-    assert embed_mod.auto_batch_size(model, 'image') == 16 and embed_mod.auto_batch_size(model, 'text') == 64
-    embed_collection(model, photo_dir, tmp_path / 'b.emb')
+    assert embed_mod.auto_batch_size(tiny_model, 'image') == 16 and embed_mod.auto_batch_size(tiny_model, 'text') == 64
+    embed_collection(tiny_model, photo_dir, tmp_path / 'b.emb')
     assert sizes == [7]
 
 
-def test_resume_skips_written_shards_and_gives_the_same_result(model, photo_dir: Path, tmp_path: Path,
+def test_resume_skips_written_shards_and_gives_the_same_result(tiny_model, photo_dir: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     full = tmp_path / 'full.emb'
-    embed_collection(model, photo_dir, full, settings=ShardSettings(shard_size=2, batch_size=2))
+    embed_collection(tiny_model, photo_dir, full, settings=ShardSettings(shard_size=2, batch_size=2))
     out = tmp_path / 'resumed.emb'
     calls = []
     real = embed_mod.embed_shard
@@ -150,90 +138,92 @@ def test_resume_skips_written_shards_and_gives_the_same_result(model, photo_dir:
         return real(*args, **kw)
     monkeypatch.setattr(embed_mod, 'embed_shard', crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=2, batch_size=2))
+        embed_collection(tiny_model, photo_dir, out, settings=ShardSettings(shard_size=2, batch_size=2))
     assert existing_shards(out) == [0, 1]
     with pytest.raises(ValueError, match='not finished'):
         load_embeddings(out)
     assert len(load_embeddings(out, allow_incomplete=True)) == 3  # broken.jpg is in shard 1
     calls.clear()
     monkeypatch.setattr(embed_mod, 'embed_shard', real)
-    report = embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=2, batch_size=2))
+    report = embed_collection(tiny_model, photo_dir, out, settings=ShardSettings(shard_size=2, batch_size=2))
     assert report.shards_resumed == 2
     a, b = load_embeddings(full), load_embeddings(out)
     assert a.ids == b.ids
     np.testing.assert_array_equal(a.vectors, b.vectors)
     # A complete job rerun does nothing; another job into the same dir is refused; --overwrite replaces it.
-    assert embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=2)).shards_resumed == 4
+    assert embed_collection(tiny_model, photo_dir, out, settings=ShardSettings(shard_size=2)).shards_resumed == 4
     with pytest.raises(ValueError, match='shard size differs'):
-        embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=3))
+        embed_collection(tiny_model, photo_dir, out, settings=ShardSettings(shard_size=3))
     (photo_dir / 'new.png').write_bytes((photo_dir / 'b.png').read_bytes())
     with pytest.raises(ValueError, match='inputs differs'):
-        embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=2))
-    assert embed_collection(model, photo_dir, out, overwrite=True, settings=ShardSettings(shard_size=2)).embedded == 8
+        embed_collection(tiny_model, photo_dir, out, settings=ShardSettings(shard_size=2))
+    assert embed_collection(tiny_model, photo_dir, out, overwrite=True,
+                            settings=ShardSettings(shard_size=2)).embedded == 8
 
 
-def test_half_written_shard_is_never_taken_as_complete(model, photo_dir: Path, tmp_path: Path) -> None:
+def test_half_written_shard_is_never_taken_as_complete(tiny_model, photo_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / 'x.emb'
-    embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=4))
+    embed_collection(tiny_model, photo_dir, out, settings=ShardSettings(shard_size=4))
     tmp = shard_path(out, 1).with_name('.00001.npz.abc.tmp')
     shard_path(out, 1).rename(tmp)  # as if the writer died before its rename
     assert existing_shards(out) == [0]
-    assert embed_collection(model, photo_dir, out, settings=ShardSettings(shard_size=4)).shards_resumed == 1
+    assert embed_collection(tiny_model, photo_dir, out, settings=ShardSettings(shard_size=4)).shards_resumed == 1
     ids, _, vectors, failed = read_shard(shard_path(out, 1))
-    assert len(ids) + len(failed) == 4 and vectors.shape == (len(ids), model.config.embed_dim)
+    assert len(ids) + len(failed) == 4 and vectors.shape == (len(ids), tiny_model.config.embed_dim)
 
 
-def test_refuses_to_write_into_a_foreign_folder(model, photo_dir: Path, tmp_path: Path) -> None:
+def test_refuses_to_write_into_a_foreign_folder(tiny_model, photo_dir: Path, tmp_path: Path) -> None:
     foreign = tmp_path / 'mine'
     foreign.mkdir()
     (foreign / 'thesis.tex').write_text('precious')
     with pytest.raises(FileExistsError, match='not an embeddings dir'):
-        embed_collection(model, photo_dir, foreign)
+        embed_collection(tiny_model, photo_dir, foreign)
     assert (foreign / 'thesis.tex').read_text() == 'precious'
 
 
-def test_texts_official_and_lmdb_inputs(model, tmp_path: Path) -> None:
+def test_texts_official_and_lmdb_inputs(tiny_model, tmp_path: Path) -> None:
     data = tmp_path / 'data'
     make_synthetic_split(data, 'valid', 6, seed=3)
-    images = embed_collection(model, data, tmp_path / 'img.emb')
-    texts = embed_collection(model, data, tmp_path / 'txt.emb', modality='text')
+    images = embed_collection(tiny_model, data, tmp_path / 'img.emb')
+    texts = embed_collection(tiny_model, data, tmp_path / 'txt.emb', modality='text')
     from modelscope_cnclip.data import OfficialSplit
     split = OfficialSplit(data, 'valid')
     emb = load_embeddings(tmp_path / 'img.emb')
     assert emb.ids == [str(i) for i in split.image_ids]
-    np.testing.assert_allclose(emb.vectors, model.encode_image([split.image_bytes(i) for i in split.image_ids]).numpy(),
+    np.testing.assert_allclose(emb.vectors,
+                               tiny_model.encode_image([split.image_bytes(i) for i in split.image_ids]).numpy(),
                                atol=1e-5)
     temb = load_embeddings(tmp_path / 'txt.emb')
     assert temb.ids == [str(t.text_id) for t in split.texts] and texts.embedded == len(split.texts)
-    np.testing.assert_allclose(temb.vectors, model.encode_text([t.text for t in split.texts]).numpy(), atol=1e-5)
+    np.testing.assert_allclose(temb.vectors, tiny_model.encode_text([t.text for t in split.texts]).numpy(), atol=1e-5)
     pytest.importorskip('lmdb')
     write_lmdb_split(split, tmp_path / 'lmdb', 'valid')
-    lm = embed_collection(model, tmp_path / 'lmdb', tmp_path / 'lmdb.emb')
+    lm = embed_collection(tiny_model, tmp_path / 'lmdb', tmp_path / 'lmdb.emb')
     assert lm.embedded == images.embedded
     np.testing.assert_allclose(load_embeddings(tmp_path / 'lmdb.emb').vectors, emb.vectors, atol=1e-6)
 
 
-def test_jsonl_of_urls(model, photo_dir: Path, tmp_path: Path, http_dir: tuple[Path, str]) -> None:
+def test_jsonl_of_urls(tiny_model, photo_dir: Path, tmp_path: Path, http_dir: tuple[Path, str]) -> None:
     root, url = http_dir
     (root / 'a.jpg').write_bytes((photo_dir / 'a.jpg').read_bytes())
     jl = tmp_path / 'urls.jsonl'
     jl.write_text(f'{{"id": "ok", "url": "{url}/a.jpg"}}\n{{"id": "gone", "url": "{url}/missing.jpg"}}\n')
-    report = embed_collection(model, jl, tmp_path / 'urls.emb')
+    report = embed_collection(tiny_model, jl, tmp_path / 'urls.emb')
     assert (report.embedded, report.failed) == (1, 1)
     emb = load_embeddings(tmp_path / 'urls.emb')
     assert emb.sources == [f'{url}/a.jpg'] and emb.failed[0]['id'] == 'gone' and '404' in emb.failed[0]['error']
-    np.testing.assert_allclose(emb.vectors, model.encode_image([str(photo_dir / 'a.jpg')]).numpy(), atol=1e-6)
+    np.testing.assert_allclose(emb.vectors, tiny_model.encode_image([str(photo_dir / 'a.jpg')]).numpy(), atol=1e-6)
 
 
-def test_uri_folder(model, photo_dir: Path, tmp_path: Path) -> None:
+def test_uri_folder(tiny_model, photo_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip('pyarrow')
     (photo_dir / 'broken.jpg').unlink()
     uri = photo_dir.resolve().as_uri()  # file:///...: the same code path as s3:// or gs://
     coll = open_collection(uri)
     assert coll.kind == 'uri' and coll.items[0].id == 'a.jpg' and coll.items[0].source == f'{uri}/a.jpg'
-    report = embed_collection(model, coll, tmp_path / 'uri.emb')
+    report = embed_collection(tiny_model, coll, tmp_path / 'uri.emb')
     assert report.embedded == 7
-    local = embed_collection(model, photo_dir, tmp_path / 'local.emb')
+    local = embed_collection(tiny_model, photo_dir, tmp_path / 'local.emb')
     np.testing.assert_allclose(load_embeddings(tmp_path / 'uri.emb').vectors,
                                load_embeddings(tmp_path / 'local.emb').vectors, atol=1e-6)
     assert local.embedded == 7
@@ -249,12 +239,14 @@ def test_cli_embed(plugin_vit_dir: Path, photo_dir: Path, tmp_path: Path, capsys
     assert 'shard size differs' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.ray
-def test_ray_engine_writes_the_same_embeddings(plugin_vit_dir: Path, photo_dir: Path, tmp_path: Path) -> None:
+def test_ray_engine_writes_the_same_embeddings(tiny_model, plugin_vit_dir: Path, photo_dir: Path,
+                                               tmp_path: Path) -> None:
     """A local Ray instance runs the job (in a subprocess, so Ray's workers never share this test process)."""
     pytest.importorskip('ray')
     local = tmp_path / 'local.emb'
-    embed_collection(load(plugin_vit_dir), photo_dir, local, settings=ShardSettings(shard_size=3))
+    embed_collection(tiny_model, photo_dir, local, settings=ShardSettings(shard_size=3))
     out = tmp_path / 'ray.emb'
     code = ('import sys, json, ray; from modelscope_cnclip.jobs import RayOptions, ShardSettings, embed_collection; '
             'ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False); '
@@ -270,29 +262,28 @@ def test_ray_engine_writes_the_same_embeddings(plugin_vit_dir: Path, photo_dir: 
     np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-5)
 
 
-def test_video_folder(model, tmp_path: Path) -> None:
+def test_video_folder(tiny_model, tmp_path: Path) -> None:
     pytest.importorskip('decord')
     pytest.importorskip('av')
-    from test_video import textured, write_video
     d = tmp_path / 'videos'
     (d / 'trips').mkdir(parents=True)
     write_video(d / 'a.mp4', textured(1, 12))
     write_video(d / 'trips' / 'b.avi', textured(2, 20))
     (d / 'broken.mp4').write_bytes(b'\x00\x00\x00\x18ftypmp42 truncated')
     (d / 'still.jpg').write_bytes(b'not scanned in a video job')
-    report = embed_collection(model, d, tmp_path / 'v.emb', modality='video',
+    report = embed_collection(tiny_model, d, tmp_path / 'v.emb', modality='video',
                               settings=ShardSettings(sampling=uniform(4)))
     assert (report.embedded, report.failed) == (2, 1)
     emb = load_embeddings(tmp_path / 'v.emb')
     assert emb.ids == ['a.mp4', 'trips/b.avi'] and emb.failed[0]['id'] == 'broken.mp4'
-    expected = model.encode_video([str(d / 'a.mp4'), str(d / 'trips' / 'b.avi')], uniform(4)).numpy()
+    expected = tiny_model.encode_video([str(d / 'a.mp4'), str(d / 'trips' / 'b.avi')], uniform(4)).numpy()
     np.testing.assert_allclose(emb.vectors, expected, atol=1e-5)
     # Videos are searched with the same index and Searcher as images: a frame of b finds b first.
     pytest.importorskip('faiss')
     from modelscope_cnclip import Index, Searcher
     Index.build(tmp_path / 'v.emb').save(tmp_path / 'v.index')
     frame = Image.fromarray(textured(2, 20)[10])
-    hits = Searcher.open(tmp_path / 'v.index', model=model).search(frame, k=2)
+    hits = Searcher.open(tmp_path / 'v.index', model=tiny_model).search(frame, k=2)
     assert [h.id for h in hits] == ['trips/b.avi', 'a.mp4']
     assert hits[0].path == str((d / 'trips' / 'b.avi').resolve())
 
@@ -315,38 +306,37 @@ def test_options_that_change_vectors_are_recorded_and_compared(plugin_vit_dir: P
                             settings=ShardSettings(shard_size=2)).shards_resumed == 4
 
 
-def test_video_sampling_is_part_of_the_job(model, tmp_path: Path, capsys) -> None:
+def test_video_sampling_is_part_of_the_job(tiny_model, tmp_path: Path, capsys) -> None:
     pytest.importorskip('decord')
     pytest.importorskip('av')
-    from test_video import textured, write_video
     d = tmp_path / 'videos'
     d.mkdir()
     write_video(d / 'a.mp4', textured(1, 12))
     out = tmp_path / 'v.emb'
-    embed_collection(model, d, out, modality='video', settings=ShardSettings(sampling=uniform(2)))
+    embed_collection(tiny_model, d, out, modality='video', settings=ShardSettings(sampling=uniform(2)))
     assert load_embeddings(out).meta['options']['video'] == {'mode': 'uniform', 'num_frames': 2}
     with pytest.raises(ValueError, match="option video.num_frames differs: 2 there, 4 now"):
-        embed_collection(model, d, out, modality='video', settings=ShardSettings(sampling=uniform(4)))
+        embed_collection(tiny_model, d, out, modality='video', settings=ShardSettings(sampling=uniform(4)))
     with pytest.raises(ValueError, match="option video.mode differs: 'uniform' there, 'fps' now"):
-        embed_collection(model, d, out, modality='video', settings=ShardSettings(sampling=by_fps()))
+        embed_collection(tiny_model, d, out, modality='video', settings=ShardSettings(sampling=by_fps()))
     # sample_fps does not change uniform sampling: the same job, resumed
-    assert embed_collection(model, d, out, modality='video',
+    assert embed_collection(tiny_model, d, out, modality='video',
                             settings=ShardSettings(sampling=FrameSampling(2, sample_fps=5))).shards_resumed == 1
     fps = tmp_path / 'f.emb'
-    embed_collection(model, d, fps, modality='video', settings=ShardSettings(sampling=by_fps(sample_fps=2)))
+    embed_collection(tiny_model, d, fps, modality='video', settings=ShardSettings(sampling=by_fps(sample_fps=2)))
     with pytest.raises(ValueError, match='option video.sample_fps differs: 2 there, 4 now'):
-        embed_collection(model, d, fps, modality='video', settings=ShardSettings(sampling=by_fps(sample_fps=4)))
+        embed_collection(tiny_model, d, fps, modality='video', settings=ShardSettings(sampling=by_fps(sample_fps=4)))
     with pytest.raises(ValueError, match='option video.max_frames differs: None there, 3 now'):
         capped = ShardSettings(sampling=by_fps(sample_fps=2, max_frames=3))
-        embed_collection(model, d, fps, modality='video', settings=capped)
+        embed_collection(tiny_model, d, fps, modality='video', settings=capped)
     # the CLI passes its frame options also when --modality auto finds a video column, and names what differs
     (tmp_path / 'clips.jsonl').write_text(json.dumps({'id': 'a', 'video': str(d / 'a.mp4')}) + '\n')
     cli_out = tmp_path / 'cli.emb'
-    assert main(['embed', str(model.source), str(tmp_path / 'clips.jsonl'), '--out', str(cli_out),
+    assert main(['embed', str(tiny_model.source), str(tmp_path / 'clips.jsonl'), '--out', str(cli_out),
                  '--num-frames', '3', '--no-progress']) == 0
     assert load_embeddings(cli_out).meta['options']['video'] == {'mode': 'uniform', 'num_frames': 3}
     capsys.readouterr()
-    assert main(['embed', str(model.source), str(tmp_path / 'clips.jsonl'), '--out', str(cli_out),
+    assert main(['embed', str(tiny_model.source), str(tmp_path / 'clips.jsonl'), '--out', str(cli_out),
                  '--no-progress']) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'option video.num_frames differs: 3 there, 8 now' in err

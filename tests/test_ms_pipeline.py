@@ -1,4 +1,5 @@
-"""The ModelScope pipeline, model and preprocessor on every source, as users call them."""
+"""ms/ (model, preprocessor, pipeline): the ModelScope pipeline, model and preprocessor on every source, as users
+call them. (The ModelScope trainer: test_train*.py.)"""
 import json
 from pathlib import Path
 
@@ -13,84 +14,78 @@ from modelscope.utils.constant import Tasks
 import modelscope_cnclip  # noqa: F401  (registers the plugin)
 from modelscope_cnclip.ms import CNClipForMultiModalEmbedding, CNClipPipeline, CNClipPreprocessor
 
-from conftest import TINY_VIT, write_official_pt
-
-TEXTS = ['杰尼龟', '妙蛙种子', '小火龙', '皮卡丘']
-
-
-@pytest.fixture(scope='module')
-def pipe(plugin_vit_dir):
-    return pipeline(task=Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu')
+from helpers import POKEMON_TEXTS as TEXTS
+from helpers import TINY_VIT, write_official_pt
 
 
-def test_plugin_dir_builds_plugin_pipeline_and_model(pipe):
-    assert isinstance(pipe, CNClipPipeline)
-    assert isinstance(pipe.model, CNClipForMultiModalEmbedding)
-    assert not pipe.model.training and not pipe.model.clip.bert.training
+def test_plugin_dir_builds_plugin_pipeline_and_model(tiny_pipe):
+    assert isinstance(tiny_pipe, CNClipPipeline)
+    assert isinstance(tiny_pipe.model, CNClipForMultiModalEmbedding)
+    assert not tiny_pipe.model.training and not tiny_pipe.model.clip.bert.training
 
 
-def test_forward_and_call_agree_and_are_normalised(pipe, images):
-    a = pipe.forward({'img': images, 'text': TEXTS})
-    b = pipe({'img': images, 'text': TEXTS})
+def test_forward_and_call_agree_and_are_normalised(tiny_pipe, images):
+    a = tiny_pipe.forward({'img': images, 'text': TEXTS})
+    b = tiny_pipe({'img': images, 'text': TEXTS})
     for key, n in [('img_embedding', len(images)), ('text_embedding', len(TEXTS))]:
         assert a[key].shape == (n, 32) and a[key].dtype == torch.float32
         assert torch.allclose(a[key].norm(dim=-1), torch.ones(n), atol=1e-5)
         assert torch.equal(a[key], b[key])
 
 
-def test_missing_modality_is_none(pipe, images):
-    out = pipe({'text': '皮卡丘'})
+def test_missing_modality_is_none(tiny_pipe, images):
+    out = tiny_pipe({'text': '皮卡丘'})
     assert out['img_embedding'] is None and out['text_embedding'].shape == (1, 32)
-    out = pipe.forward({'img': images[0]})
+    out = tiny_pipe.forward({'img': images[0]})
     assert out['text_embedding'] is None and out['img_embedding'].shape == (1, 32)
 
 
-def test_repeated_calls_are_identical_despite_dropout_config(pipe, images):
-    assert pipe.model.config.text.hidden_dropout_prob > 0
-    first = pipe({'img': images, 'text': TEXTS})
+def test_repeated_calls_are_identical_despite_dropout_config(tiny_pipe, images):
+    assert tiny_pipe.model.config.text.hidden_dropout_prob > 0
+    first = tiny_pipe({'img': images, 'text': TEXTS})
     for _ in range(2):
-        again = pipe({'img': images, 'text': TEXTS})
+        again = tiny_pipe({'img': images, 'text': TEXTS})
         assert torch.equal(first['img_embedding'], again['img_embedding'])
         assert torch.equal(first['text_embedding'], again['text_embedding'])
 
 
-def test_temperature_is_plain_tensor(pipe):
-    t = pipe.model.temperature
+def test_temperature_is_plain_tensor(tiny_pipe):
+    t = tiny_pipe.model.temperature
     assert isinstance(t, torch.Tensor) and t.dim() == 0 and not t.requires_grad and t.dtype == torch.float32
-    assert torch.allclose(t, 1 / pipe.model.clip.logit_scale.exp())
+    assert torch.allclose(t, 1 / tiny_pipe.model.clip.logit_scale.exp())
 
 
-def test_probabilities_as_in_the_readme(pipe, images):
-    img = pipe.forward({'img': images[:1]})['img_embedding']
-    txt = pipe({'text': TEXTS})['text_embedding']
-    probs = ((img / pipe.model.temperature) @ txt.t()).softmax(-1)
+def test_probabilities_as_in_the_readme(tiny_pipe, images):
+    img = tiny_pipe.forward({'img': images[:1]})['img_embedding']
+    txt = tiny_pipe({'text': TEXTS})['text_embedding']
+    probs = ((img / tiny_pipe.model.temperature) @ txt.t()).softmax(-1)
     assert probs.shape == (1, 4) and torch.allclose(probs.sum(), torch.tensor(1.0))
 
 
-def test_all_input_kinds_give_the_same_embedding(pipe, images, tmp_path):
+def test_all_input_kinds_give_the_same_embedding(tiny_pipe, images, tmp_path):
     img = images[0]
     path = tmp_path / 'a.png'
     img.save(path)
     kinds = [img, str(path), path, path.read_bytes(), np.asarray(img)]
-    pixels = pipe.preprocessor({'img': kinds})['pixel_values']
+    pixels = tiny_pipe.preprocessor({'img': kinds})['pixel_values']
     for row in pixels[1:]:
         assert torch.equal(row, pixels[0])
-    out = pipe({'img': kinds})['img_embedding']
+    out = tiny_pipe({'img': kinds})['img_embedding']
     assert torch.allclose(out, out[:1].expand_as(out), atol=1e-6, rtol=0)
 
 
-def test_hub_dir_with_pipeline_name(hub_vit_dir, pipe, images):
+def test_hub_dir_with_pipeline_name(hub_vit_dir, tiny_pipe, images):
     p = pipeline(task=Tasks.multi_modal_embedding, model=str(hub_vit_dir),
                  pipeline_name='cnclip-multi-modal-embedding', device='cpu')
     assert isinstance(p.model, CNClipForMultiModalEmbedding) and p.model.source_layout == 'hub'
-    assert torch.equal(p({'img': images})['img_embedding'], pipe({'img': images})['img_embedding'])
+    assert torch.equal(p({'img': images})['img_embedding'], tiny_pipe({'img': images})['img_embedding'])
 
 
-def test_model_object_and_official_pt(tmp_path, vit_sd, pipe):
+def test_model_object_and_official_pt(tmp_path, vit_sd, tiny_pipe):
     pt = write_official_pt(tmp_path / 'clip_cn_tiny.pt', vit_sd)
     model = CNClipForMultiModalEmbedding(str(pt), config=TINY_VIT, device='cpu')
     p = pipeline(task=Tasks.multi_modal_embedding, model=model)
-    assert torch.equal(p({'text': TEXTS})['text_embedding'], pipe({'text': TEXTS})['text_embedding'])
+    assert torch.equal(p({'text': TEXTS})['text_embedding'], tiny_pipe({'text': TEXTS})['text_embedding'])
 
 
 def test_image_text_retrieval_task_is_registered(plugin_vit_dir):
@@ -99,7 +94,7 @@ def test_image_text_retrieval_task_is_registered(plugin_vit_dir):
     assert isinstance(p, CNClipPipeline)
 
 
-def test_model_and_preprocessor_from_pretrained(plugin_vit_dir, pipe, images):
+def test_model_and_preprocessor_from_pretrained(plugin_vit_dir, tiny_pipe, images):
     model = Model.from_pretrained(str(plugin_vit_dir))
     assert isinstance(model, CNClipForMultiModalEmbedding)
     assert str(next(model.parameters()).device) == 'cpu'  # ModelScope passes device='cuda'; no CUDA here
@@ -108,20 +103,20 @@ def test_model_and_preprocessor_from_pretrained(plugin_vit_dir, pipe, images):
     batch = pre({'img': images, 'text': TEXTS})
     assert batch['pixel_values'].shape == (3, 3, 64, 64) and batch['input_ids'][:, 0].eq(101).all()
     out = model(batch)
-    assert torch.equal(out['img_embedding'], pipe({'img': images})['img_embedding'])
-    assert torch.equal(out['text_embedding'], pipe({'text': TEXTS})['text_embedding'])
+    assert torch.equal(out['img_embedding'], tiny_pipe({'img': images})['img_embedding'])
+    assert torch.equal(out['text_embedding'], tiny_pipe({'text': TEXTS})['text_embedding'])
 
 
-def test_save_pretrained_round_trip(pipe, tmp_path, images):
-    pipe.model.save_pretrained(tmp_path / 'saved')
+def test_save_pretrained_round_trip(tiny_pipe, tmp_path, images):
+    tiny_pipe.model.save_pretrained(tmp_path / 'saved')
     root = Path(__file__).resolve().parents[1] / 'configuration.json'
     assert json.loads((tmp_path / 'saved' / 'configuration.json').read_text()) == json.loads(root.read_text())
     assert (tmp_path / 'saved' / 'model.safetensors').is_file()
     p = pipeline(task=Tasks.multi_modal_embedding, model=str(tmp_path / 'saved'), device='cpu')
-    assert torch.equal(p({'img': images})['img_embedding'], pipe({'img': images})['img_embedding'])
+    assert torch.equal(p({'img': images})['img_embedding'], tiny_pipe({'img': images})['img_embedding'])
 
 
-def test_devices_and_precision(plugin_vit_dir, pipe, images):
+def test_devices_and_precision(plugin_vit_dir, tiny_pipe, images):
     p = pipeline(task=Tasks.multi_modal_embedding, model=str(plugin_vit_dir))  # default device 'gpu'
     want = torch.device('cuda:0') if torch.cuda.is_available() else torch.device('cpu')
     assert next(p.model.parameters()).device == want
@@ -130,7 +125,7 @@ def test_devices_and_precision(plugin_vit_dir, pipe, images):
     with pytest.raises(ValueError, match="precision='int3'"):
         pipeline(task=Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu', precision='int3')
     bf16 = pipeline(task=Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu', precision='bf16')
-    cos = (bf16({'img': images})['img_embedding'] * pipe({'img': images})['img_embedding']).sum(-1)
+    cos = (bf16({'img': images})['img_embedding'] * tiny_pipe({'img': images})['img_embedding']).sum(-1)
     assert (cos > 0.99).all()
 
 
@@ -143,11 +138,11 @@ def test_devices_and_precision(plugin_vit_dir, pipe, images):
     ({'img': [b'not an image']}, ValueError, r'img\[0\]: cannot decode image <12 bytes>'),
     ({'img': [3.5]}, TypeError, r'img\[0\]: unsupported image input float'),
 ])
-def test_bad_input_is_explained(pipe, bad, exc, match):
+def test_bad_input_is_explained(tiny_pipe, bad, exc, match):
     with pytest.raises(exc, match=match):
-        pipe(bad)
+        tiny_pipe(bad)
     with pytest.raises(exc, match=match):
-        pipe.forward(bad)
+        tiny_pipe.forward(bad)
 
 
 def test_foreign_model_object_is_refused():
@@ -190,7 +185,7 @@ def _video(path: Path, seed: int) -> str:
     return str(path)
 
 
-def test_batched_calls_return_what_unbatched_calls_return(pipe, images, tmp_path):
+def test_batched_calls_return_what_unbatched_calls_return(tiny_pipe, images, tmp_path):
     """p([...], batch_size=n) gives each input its own embeddings, equal to p([...]) and to p(input) one by one,
     for any mix of modalities and list lengths (ModelScope's generic batching would shift rows between inputs)."""
     video = _video(tmp_path / 'v.mp4', 0)
@@ -198,15 +193,15 @@ def test_batched_calls_return_what_unbatched_calls_return(pipe, images, tmp_path
               {'video': video}, {'img': [images[2]], 'text': ['a', 'bb', 'ccc'], 'video': [video, video]},
               {'text': '鸟'}]
     keys = ('img_embedding', 'text_embedding', 'video_embedding')
-    one_by_one = [pipe(x) for x in inputs]
+    one_by_one = [tiny_pipe(x) for x in inputs]
     assert one_by_one[2]['text_embedding'].shape[0] == 2 and one_by_one[1]['text_embedding'] is None
     for batch_size in (None, 1, 2, 3, len(inputs), 100):
-        outs = pipe(inputs) if batch_size is None else pipe(inputs, batch_size=batch_size)
+        outs = tiny_pipe(inputs) if batch_size is None else tiny_pipe(inputs, batch_size=batch_size)
         assert len(outs) == len(inputs), batch_size
         for i, (got, want) in enumerate(zip(outs, one_by_one)):
             assert set(got) >= set(keys), (batch_size, i)
             assert all(_same(got[k], want[k]) for k in keys), (batch_size, i)
     with pytest.raises(ValueError, match='batch_size=0: expected a whole number >= 1'):
-        pipe(inputs, batch_size=0)
+        tiny_pipe(inputs, batch_size=0)
     with pytest.raises(ValueError, match='neither "img" nor "text" nor "video"'):
-        pipe([{'text': '猫'}, {}], batch_size=2)
+        tiny_pipe([{'text': '猫'}, {}], batch_size=2)

@@ -17,10 +17,9 @@ from PIL import Image
 
 from modelscope_cnclip import convert, load, read_source
 
-from conftest import DATA, write_official_pt
 from golden.weights import load_spec, make_state_dict, tensor_digest
+from helpers import GOLDEN, write_official_pt
 
-GOLDEN = DATA / 'golden'
 TOL = 2e-5
 MODELS = ['tiny-vit', 'tiny-rn']
 # Inputs where the plugin deliberately differs from the reference: cn_clip clips a 16-bit image at 255 (mostly

@@ -1,6 +1,6 @@
-"""Every architecture name loads by name: the published-weights registry, the hub download it asks for (a fake
-``snapshot_download``: no network), the errors offline or without published weights, and a local path of the same
-name winning over the name."""
+"""pretrained.py: every architecture name loads by name: the published-weights registry, the hub download it asks
+for (a fake ``snapshot_download``: no network), the errors offline or without published weights, and a local path
+of the same name winning over the name."""
 from __future__ import annotations
 
 import importlib
@@ -19,7 +19,7 @@ from modelscope_cnclip import available_models, convert, list_pretrained, load, 
 from modelscope_cnclip.cli import main
 from modelscope_cnclip.pretrained import get_pretrained
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 # REFERENCE.md section 1: the ModelScope hub ids and the revisions it gives (none for ViT-L-14; no RN50 under damo/).
 PUBLISHED = {

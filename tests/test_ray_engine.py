@@ -1,6 +1,7 @@
-"""The Ray engine fails like the local one: workers no node can hold are refused at once on a Ray instance cnclip
-started (after a bounded wait on a cluster, which may grow), and errors raised in workers reach the caller with their
-own type and message, so ``cnclip embed --engine ray`` exits as ``--engine local`` does.
+"""jobs/ray_engine.py: the Ray engine fails like the local one: workers no node can hold are refused at once on a Ray
+instance cnclip started (after a bounded wait on a cluster, which may grow), and errors raised in workers reach the
+caller with their own type and message, so ``cnclip embed --engine ray`` exits as ``--engine local`` does. (That it
+writes what the local engine writes: test_jobs.py.)
 
 One local Ray instance (2 CPUs, bound to 127.0.0.1) serves the module; every test is bounded by an alarm.
 """

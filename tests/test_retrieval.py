@@ -1,4 +1,5 @@
-"""Retrieval metrics with the official scoring, official-format data, the generated dataset and `cnclip eval`."""
+"""evaluation/retrieval.py: retrieval metrics with the official scoring, the official prediction files and scorer,
+chunked ranking, unlabelled splits, the generated dataset and `cnclip eval`."""
 import json
 
 import pytest
@@ -17,7 +18,7 @@ from modelscope_cnclip.evaluation.retrieval import (
     write_predictions,
 )
 
-from conftest import DATA
+from helpers import SCORING, official_result
 
 
 def test_topk_hits_by_hand():
@@ -55,24 +56,6 @@ def test_inbatch_recall_keys_match_the_tutorial_config():
     assert out == {'inbatch_t2i_recall_at_1': 100.0, 'inbatch_i2t_recall_at_1': 100.0}
 
 
-def test_official_split_round_trip_and_errors(tmp_path, images):
-    texts = [TextRecord(1, '猫', (7,)), TextRecord(2, '两只猫', (7, 8))]
-    write_official_split(tmp_path, 'valid', {7: images[0], 8: images[1]}, texts)
-    split = OfficialSplit(tmp_path, 'valid')
-    assert split.image_ids == [7, 8] and split.texts == texts
-    assert list(split.pairs()) == [(1, '猫', 7), (2, '两只猫', 7), (2, '两只猫', 8)]
-    assert split.image_bytes(8)[:2] == b'\xff\xd8'  # JPEG
-    with pytest.raises(FileNotFoundError, match=r"split 'test' needs \['test_imgs.tsv', 'test_texts.jsonl'\]"):
-        OfficialSplit(tmp_path, 'test')
-    (tmp_path / 'bad_texts.jsonl').write_text('{"text_id": 1, "text": "x", "image_ids": [99]}\n')
-    (tmp_path / 'bad_imgs.tsv').write_text((tmp_path / 'valid_imgs.tsv').read_text())
-    with pytest.raises(ValueError, match=r'image ids \[99\] are not in bad_imgs.tsv'):
-        OfficialSplit(tmp_path, 'bad')
-    (tmp_path / 'bad_texts.jsonl').write_text('{"text": "x"}\n')
-    with pytest.raises(ValueError, match=r'bad_texts.jsonl:1: expected'):
-        OfficialSplit(tmp_path, 'bad')
-
-
 def test_generated_dataset_and_cli_eval(tmp_path, plugin_vit_dir, capsys):
     split = make_synthetic_split(tmp_path, 'valid', 12, seed=3)
     assert len(split.texts) == 12 and all(len(t.image_ids) == 1 for t in split.texts)
@@ -89,15 +72,6 @@ def test_generated_dataset_and_cli_eval(tmp_path, plugin_vit_dir, capsys):
 
 
 # --- the official prediction files and scorer ------------------------------------------------------------------------
-
-SCORING = DATA / 'golden' / 'scoring'
-
-
-def official_result(name: str) -> dict:
-    """``scoreJson`` of the official scorer as ``score_predictions`` reports it."""
-    res = json.loads((SCORING / name).read_text())['scoreJson']
-    return {'r1': res['r1'], 'r5': res['r5'], 'r10': res['r10'], 'mr': res['mean_recall']}
-
 
 def test_score_predictions_reproduces_the_official_scorers():
     # exact float equality: the same arithmetic as eval/evaluation.py and eval/evaluation_tr.py
@@ -235,18 +209,16 @@ def test_cli_eval_of_an_unlabelled_split_writes_the_submission_files(tmp_path, p
         assert (out / name).read_text() == (tmp_path / 'labelled' / 'p' / name).read_text()
 
 
-def test_partly_labelled_split_scores_the_labelled_texts(tmp_path, plugin_vit_dir, caplog):
-    from modelscope_cnclip import load
+def test_partly_labelled_split_scores_the_labelled_texts(tmp_path, tiny_model, caplog):
     from modelscope_cnclip.evaluation.retrieval import evaluate_split
     split = make_synthetic_split(tmp_path, 'valid', 16, seed=7, unique=True)
     labelled = [t for t in split.texts if t.text_id % 2 == 0]
     write_texts(tmp_path / 'only', 'valid', labelled)
     (tmp_path / 'only' / 'valid_imgs.tsv').write_bytes((tmp_path / 'valid_imgs.tsv').read_bytes())
     write_texts(tmp_path, 'valid', [t if t in labelled else TextRecord(t.text_id, t.text, ()) for t in split.texts])
-    model = load(plugin_vit_dir)
-    res = evaluate_split(model, tmp_path, 'valid', predictions_dir=tmp_path / 'p')
+    res = evaluate_split(tiny_model, tmp_path, 'valid', predictions_dir=tmp_path / 'p')
     assert res['unlabelled_texts'] == 8 and '8 of 16 texts of valid have no image_ids' in caplog.text
-    assert res['t2i'] == evaluate_split(model, tmp_path / 'only', 'valid')['t2i']  # images rank the same
+    assert res['t2i'] == evaluate_split(tiny_model, tmp_path / 'only', 'valid')['t2i']  # images rank the same
     assert len(read_lines(tmp_path / 'p' / 'valid_predictions.jsonl')) == 16  # every text is predicted
     i2t = score_predictions(tmp_path / 'p' / 'valid_tr_predictions.jsonl', tmp_path / 'p' / 'valid_texts.tr.jsonl',
                             'i2t')
@@ -276,9 +248,8 @@ def test_score_refuses_an_unlabelled_ground_truth_and_warns_on_a_partial_one(tmp
     assert 'nothing to score' in capsys.readouterr().err
 
 
-def test_lmdb_form_of_an_unlabelled_split_says_what_to_do(tmp_path, plugin_vit_dir):
+def test_lmdb_form_of_an_unlabelled_split_says_what_to_do(tmp_path, tiny_model):
     pytest.importorskip('lmdb')
-    from modelscope_cnclip import load
     from modelscope_cnclip.data import write_lmdb_split
     from modelscope_cnclip.evaluation.retrieval import evaluate_split
     split = make_synthetic_split(tmp_path, 'test', 12, seed=2)
@@ -286,7 +257,7 @@ def test_lmdb_form_of_an_unlabelled_split_says_what_to_do(tmp_path, plugin_vit_d
     write_lmdb_split(OfficialSplit(tmp_path, 'test'), tmp_path / 'lmdb', 'test')  # no pairs: texts are not stored
     with pytest.raises(ValueError, match=r"split 'test' has no texts to evaluate. The LMDB form stores \(image, text\) "
                                          r'pairs only, .*evaluate the tsv \+ jsonl form'):
-        evaluate_split(load(plugin_vit_dir), tmp_path / 'lmdb', 'test', predictions_dir=tmp_path / 'p')
+        evaluate_split(tiny_model, tmp_path / 'lmdb', 'test', predictions_dir=tmp_path / 'p')
 
 
 # --- bounded memory: streamed images, rankings in query chunks -------------------------------------------------------
@@ -326,17 +297,15 @@ def test_chunked_ranking_keeps_the_official_tie_order():
             assert i2t[q].tolist() == sorted(range(25), key=lambda c: -scores[c, q].item())[:10]
 
 
-def test_evaluate_split_streams_images_and_chunks_give_the_same_files(tmp_path, plugin_vit_dir, monkeypatch):
-    from modelscope_cnclip import load
+def test_evaluate_split_streams_images_and_chunks_give_the_same_files(tmp_path, tiny_model, monkeypatch):
     from modelscope_cnclip.evaluation.retrieval import evaluate_split
     make_synthetic_split(tmp_path, 'valid', 20, seed=7)
-    model = load(plugin_vit_dir)
-    full = evaluate_split(model, tmp_path, 'valid', batch_size=4, predictions_dir=tmp_path / 'a')
+    full = evaluate_split(tiny_model, tmp_path, 'valid', batch_size=4, predictions_dir=tmp_path / 'a')
     calls = []
-    real = model.encode_image
-    monkeypatch.setattr(model, 'encode_image', lambda images, batch_size=64: calls.append(images) or
+    real = tiny_model.encode_image  # the shared model: monkeypatch puts encode_image back after the test
+    monkeypatch.setattr(tiny_model, 'encode_image', lambda images, batch_size=64: calls.append(images) or
                         real(images, batch_size=batch_size))
-    chunked = evaluate_split(model, tmp_path, 'valid', batch_size=4, predictions_dir=tmp_path / 'b', chunk=7)
+    chunked = evaluate_split(tiny_model, tmp_path, 'valid', batch_size=4, predictions_dir=tmp_path / 'b', chunk=7)
     # decoded pixels a batch at a time, never the list of every encoded image
     assert all(isinstance(c, torch.Tensor) and c.shape[0] <= 4 for c in calls) and sum(len(c) for c in calls) == 20
     assert chunked == full
@@ -344,11 +313,10 @@ def test_evaluate_split_streams_images_and_chunks_give_the_same_files(tmp_path, 
         assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
 
 
-def test_unreadable_image_in_a_split_is_named(tmp_path, plugin_vit_dir):
-    from modelscope_cnclip import load
+def test_unreadable_image_in_a_split_is_named(tmp_path, tiny_model):
     from modelscope_cnclip.evaluation.retrieval import evaluate_split
     split = make_synthetic_split(tmp_path, 'valid', 6, seed=1)
     images = {i: split.image_bytes(i) for i in split.image_ids}
     write_official_split(tmp_path, 'valid', {**images, 1003: b'not a jpeg'}, split.texts)
     with pytest.raises(ValueError, match=r'1 of 6 images cannot be read \(image 1003: ValueError: cannot decode'):
-        evaluate_split(load(plugin_vit_dir), tmp_path, 'valid')
+        evaluate_split(tiny_model, tmp_path, 'valid')

@@ -1,6 +1,9 @@
-"""Finetuning through ModelScope's trainer on CPU: learning on generated data, the tutorial's config, data
-sources, and an output dir that the pipeline loads as is."""
-import dataclasses
+"""train/ (datasets, loss, optimizer and schedule) and ms/trainer.py: finetuning through ModelScope's trainer on
+CPU: learning on generated data, the tutorial's config, data sources, gradient accumulation, resumption, DDP, an
+output dir that the pipeline loads as is, and the trainer's evaluation, which scores exactly the evaluation pairs,
+each image and text embedded once, whatever the evaluation loader does (the finetune tutorial shuffles it and drops
+the last batch) and whichever images are unreadable. Configurations and data as users have them:
+test_train_guards.py."""
 import json
 import math
 import os
@@ -14,16 +17,15 @@ from modelscope.utils.constant import Tasks
 from PIL import Image
 
 import modelscope_cnclip  # noqa: F401
+from modelscope_cnclip import load
 from modelscope_cnclip.checkpoints.layouts import Checkpoint, read_source, write_dir
 from modelscope_cnclip.cli import main
-from modelscope_cnclip.data import make_synthetic_split
+from modelscope_cnclip.data import make_synthetic_split, write_official_split
+from modelscope_cnclip.evaluation.retrieval import evaluate_split
 from modelscope_cnclip.train import build_optimizer, contrastive_loss, warmup_cosine
 
-from conftest import TINY_VIT, random_state_dict
-
-# Dropout noise swamps a 48-wide random text tower's signal; real checkpoints train with their dropout.
-CFG = dataclasses.replace(TINY_VIT, text=dataclasses.replace(TINY_VIT.text, hidden_dropout_prob=0.0,
-                                                             attention_probs_dropout_prob=0.0))
+from helpers import TINY_VIT, random_state_dict
+from helpers import TINY_VIT_NO_DROPOUT as CFG
 
 
 def overrides(epochs: int, lr: float = 1e-3, batch: int = 32) -> dict:
@@ -43,6 +45,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trained(setup):
+    """A 25-epoch run on 512 generated pairs (~10 s on 2 CPUs): the tests that use it are marked slow."""
     trainer = build_trainer('cnclip-trainer', dict(
         model=str(setup / 'model'), work_dir=str(setup / 'work'), train_dataset=str(setup / 'data'),
         eval_dataset=str(setup / 'data'), cfg_overrides=overrides(25)))
@@ -51,6 +54,7 @@ def trained(setup):
     return trainer, before, trainer.evaluate()
 
 
+@pytest.mark.slow
 def test_training_learns_the_generated_task(trained):
     _, before, after = trained
     chance_r1, chance_r10 = 100 / 64, 1000 / 64  # 64 held-out pairs
@@ -60,6 +64,7 @@ def test_training_learns_the_generated_task(trained):
     assert set(after) >= {'t2i_mean_recall', 'i2t_mean_recall', 'inbatch_t2i_recall_at_1'}
 
 
+@pytest.mark.slow
 def test_output_is_a_plugin_dir_the_pipeline_loads(trained, setup):
     trainer, _, _ = trained
     out = setup / 'work' / 'output'
@@ -226,6 +231,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(setup, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('gather', ['local', 'full'])
 def test_ddp_on_cpu_with_torchrun_keeps_ranks_in_sync(setup, tmp_path, gather):
     import shutil
@@ -297,6 +303,7 @@ def test_msdataset_with_muge_columns(setup, tmp_path):
     assert 't2i_recall_at_1' in trainer.evaluate()
 
 
+@pytest.mark.slow
 def test_bf16_mode_keeps_retrieval_metrics_of_a_trained_model(trained, setup):
     """Issue 3's fast-mode criterion on a model that has learned something: R@1/5/10 within 0.5 points of exact."""
     from modelscope_cnclip import load
@@ -377,3 +384,50 @@ def test_trainer_evaluation_scores_a_text_against_all_its_images(setup, tmp_path
     want = retrieval_metrics(img, [1, 2, 3, 4], txt, [[1, 2], [3], [4]])
     assert metrics['t2i_recall_at_1'] == pytest.approx(want['t2i']['r1'], abs=1e-3)
     assert metrics['i2t_recall_at_1'] == pytest.approx(want['i2t']['r1'], abs=1e-3)
+
+
+# --- the trainer's evaluation: exactly the evaluation pairs, whatever the loader ------------------------------------
+
+KEYS = {f'{d}_{k}' for d in ('t2i', 'i2t') for k in ('recall_at_1', 'recall_at_5', 'recall_at_10', 'mean_recall')}
+INBATCH = {'inbatch_t2i_recall_at_1', 'inbatch_i2t_recall_at_1'}
+
+
+@pytest.fixture(scope='module')
+def eval_model_dir(tmp_path_factory):
+    """A tiny model (with its dropout) that only evaluates."""
+    return write_dir(Checkpoint(random_state_dict(TINY_VIT, seed=4), TINY_VIT), tmp_path_factory.mktemp('m') / 'model')
+
+
+def evaluate(model_dir, work, data, loader=None, **kwargs) -> dict:
+    overrides = {'evaluation': {'dataloader': {'batch_size_per_gpu': 8, 'workers_per_gpu': 0, **(loader or {})}}}
+    trainer = build_trainer('cnclip-trainer', dict(model=str(model_dir), work_dir=str(work), eval_dataset=str(data),
+                                                   cfg_overrides=overrides, **kwargs))
+    return trainer, trainer.evaluate()
+
+
+def test_evaluation_does_not_depend_on_the_loader_options(eval_model_dir, tmp_path):
+    make_synthetic_split(tmp_path / 'd', 'valid', 30, seed=8, unique=True)  # 30 pairs: batches of 8 leave 6
+    _, plain = evaluate(eval_model_dir, tmp_path / 'a', tmp_path / 'd', {'shuffle': False, 'drop_last': False})
+    _, tutorial = evaluate(eval_model_dir, tmp_path / 'b', tmp_path / 'd', {'shuffle': True, 'drop_last': True})
+    assert set(plain) == KEYS | INBATCH
+    assert tutorial == plain
+    # the global numbers are `cnclip eval`'s on the same split
+    split = evaluate_split(load(eval_model_dir), tmp_path / 'd', 'valid', batch_size=8)
+    for d in ('t2i', 'i2t'):
+        assert [plain[f'{d}_recall_at_{k}'] for k in (1, 5, 10)] + [plain[f'{d}_mean_recall']] == \
+            [split[d][k] for k in ('r1', 'r5', 'r10', 'mr')]
+
+
+def test_skip_errors_evaluation_equals_the_split_without_that_pair(eval_model_dir, tmp_path):
+    split = make_synthetic_split(tmp_path / 'full', 'valid', 20, seed=9, unique=True)
+    images = {i: split.image_bytes(i) for i in split.image_ids}
+    bad = split.image_ids[5]
+    write_official_split(tmp_path / 'corrupt', 'valid', {**images, bad: b'not a jpeg'}, split.texts)
+    write_official_split(tmp_path / 'without', 'valid', {i: b for i, b in images.items() if i != bad},
+                         [t for t in split.texts if bad not in t.image_ids])
+    trainer, skipped = evaluate(eval_model_dir, tmp_path / 'a', tmp_path / 'corrupt', skip_errors=True)
+    _, without = evaluate(eval_model_dir, tmp_path / 'b', tmp_path / 'without')
+    assert skipped == without and trainer.eval_pairs.skipped == [bad]
+    with pytest.raises(ValueError, match=rf'1 of 20 images cannot be read \(image {bad}: ValueError: cannot decode '
+                                         rf'image .*skip_errors=True'):
+        evaluate(eval_model_dir, tmp_path / 'c', tmp_path / 'corrupt')

@@ -1,8 +1,8 @@
-"""Training configurations and data as users have them: ModelScope's finetune tutorial configuration as published,
-training that cannot learn, and datasets in DataLoader workers started with spawn."""
+"""train/ and ms/trainer.py with configurations and data as users have them: ModelScope's finetune tutorial
+configuration as published, training that cannot learn, the schedule sized from the real steps, gradient
+accumulation end to end, and datasets in DataLoader workers started with spawn."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import subprocess
@@ -22,10 +22,8 @@ from modelscope_cnclip.data import make_synthetic_split, open_split, write_lmdb_
 from modelscope_cnclip.ms.trainer import merge_config
 from modelscope_cnclip.train import read_pairs, steps_per_epoch
 
-from conftest import TINY_VIT, random_state_dict
-
-CFG = dataclasses.replace(TINY_VIT, text=dataclasses.replace(TINY_VIT.text, hidden_dropout_prob=0.0,
-                                                             attention_probs_dropout_prob=0.0))
+from helpers import TINY_VIT_NO_DROPOUT as CFG
+from helpers import random_state_dict
 
 
 @pytest.fixture(scope='module')

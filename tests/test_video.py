@@ -1,10 +1,11 @@
-"""Video embedding: frame sampling, decoding (with decord) of generated videos, pooling, the pipeline's video input."""
+"""video.py: frame sampling, decoding (with decord) of generated videos, pooling, the pipeline's video input.
+Decoded frames checked (narrow, rotated, misdecoded videos): test_video_frames.py; sampling by time:
+test_video_timing.py."""
 from __future__ import annotations
 
 import logging
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import modelscope_cnclip
 from modelscope_cnclip.jobs.collection import VIDEO_EXTENSIONS
 from modelscope_cnclip.video import (
     EncodedVideos,
@@ -26,73 +26,7 @@ from modelscope_cnclip.video import (
     sample_indices,
 )
 
-
-def uniform(n: int) -> FrameSampling:
-    """Centre frames of ``n`` equal segments."""
-    return FrameSampling(num_frames=n)
-
-
-def by_fps(**fields) -> FrameSampling:
-    """Frames by time: ``sample_fps`` a second, at most ``max_frames``."""
-    return FrameSampling(mode='fps', **fields)
-
-
-STEP = 40  # colour step: frame i is (STEP * (i // 7), STEP * (i % 7), 128), so a decoded frame tells its index
-SIZE = (64, 48)
-
-
-@pytest.fixture(scope='module')
-def av():
-    pytest.importorskip('decord')
-    return pytest.importorskip('av')
-
-
-def frame_colour(i: int) -> tuple[int, int, int]:
-    return STEP * (i // 7), STEP * (i % 7), 128
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: int = 10, lossless: bool = False) -> Path:
-    """Encode ``(H, W, 3)`` uint8 RGB frames: mpeg4 for .mp4, mjpeg (every frame a key frame) for .avi, or
-    PNG frames in an .avi when ``lossless``."""
-    import av
-    codec, pix_fmt = ('mjpeg', 'yuvj420p') if path.suffix == '.avi' else ('mpeg4', 'yuv420p')
-    if lossless:
-        codec, pix_fmt = 'png', 'rgb24'
-    with av.open(str(path), 'w') as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = pix_fmt
-        if codec == 'mpeg4':
-            stream.bit_rate = 2_000_000
-        for arr in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format='rgb24')))
-        container.mux(stream.encode())
-    return path
-
-
-def coloured_video(path: Path, n: int, fps: int = 10) -> Path:
-    """``n`` flat frames whose colour encodes their index (see :func:`frame_colour`)."""
-    return write_video(path, [np.full((SIZE[1], SIZE[0], 3), frame_colour(i), np.uint8) for i in range(n)], fps)
-
-
-def index_of(img: Image.Image) -> int:
-    r, g, _ = np.asarray(img.convert('RGB'), np.float32)[8:-8, 8:-8].reshape(-1, 3).mean(0)
-    assert abs(r / STEP - round(r / STEP)) < 0.25 and abs(g / STEP - round(g / STEP)) < 0.25, (r, g)
-    return round(r / STEP) * 7 + round(g / STEP)
-
-
-def textured(seed: int, n: int) -> list[np.ndarray]:
-    """``n`` frames of one random texture drifting slowly: alike within a video, unlike across videos."""
-    rs = np.random.RandomState(seed)
-    base = rs.randint(0, 256, (SIZE[1] // 8, SIZE[0] // 8, 3)).astype(np.float32)
-    base = np.kron(base, np.ones((8, 8, 1), np.float32))
-    return [np.clip(base + 6 * i, 0, 255).astype(np.uint8) for i in range(n)]
-
-
-@pytest.fixture(scope='module')
-def model(plugin_vit_dir):
-    return modelscope_cnclip.load(plugin_vit_dir)
-
+from helpers import SIZE, by_fps, coloured_video, index_of, textured, uniform, write_video
 
 # ---- sample_indices: a pure function ----------------------------------------------------------------------------
 
@@ -321,108 +255,101 @@ def test_pool_frames_is_the_renormalised_mean():
         pool_frames(frames, [3, 3])
 
 
-def test_encode_videos_is_the_mean_of_its_frames_as_images(av, tmp_path, model):
+def test_encode_videos_is_the_mean_of_its_frames_as_images(av, tmp_path, tiny_model):
     paths = [write_video(tmp_path / f'v{k}.avi', textured(k, 12 + 3 * k)) for k in range(3)]
-    got = encode_videos(model, paths, uniform(4), batch_size=5)  # model calls span videos
+    got = encode_videos(tiny_model, paths, uniform(4), batch_size=5)  # model calls span videos
     assert isinstance(got, EncodedVideos) and got.failed == []
     assert got.embeddings.shape == (3, 32) and got.embeddings.dtype == torch.float32
     for row, path in zip(got.embeddings, paths):
-        want = F.normalize(model.encode_image(read_frames(path, uniform(4))).mean(0), dim=0)
+        want = F.normalize(tiny_model.encode_image(read_frames(path, uniform(4))).mean(0), dim=0)
         assert torch.allclose(row, want, atol=1e-5)
-    assert torch.allclose(model.encode_video(paths[1], uniform(4)), got.embeddings[1:2], atol=1e-5)
-    one_by_one = torch.cat([model.encode_video(p, uniform(4)) for p in paths])
-    assert torch.allclose(encode_videos(model, paths, uniform(4), num_workers=1).embeddings,
+    assert torch.allclose(tiny_model.encode_video(paths[1], uniform(4)), got.embeddings[1:2], atol=1e-5)
+    one_by_one = torch.cat([tiny_model.encode_video(p, uniform(4)) for p in paths])
+    assert torch.allclose(encode_videos(tiny_model, paths, uniform(4), num_workers=1).embeddings,
                           one_by_one, atol=1e-5)
 
 
-def test_still_video_embeds_like_its_image(av, tmp_path, model, images):
+def test_still_video_embeds_like_its_image(av, tmp_path, tiny_model, images):
     still = images[0].resize(SIZE)
     path = write_video(tmp_path / 'still.avi', [np.asarray(still)] * 10, lossless=True)
     assert all(np.array_equal(np.asarray(f), np.asarray(still)) for f in read_frames(path))
-    assert torch.allclose(model.encode_video(path), model.encode_image(still), atol=1e-5)
-    assert torch.allclose(model.encode_video(path, by_fps(sample_fps=3)), model.encode_image(still),
+    assert torch.allclose(tiny_model.encode_video(path), tiny_model.encode_image(still), atol=1e-5)
+    assert torch.allclose(tiny_model.encode_video(path, by_fps(sample_fps=3)), tiny_model.encode_image(still),
                           atol=1e-5)
 
 
-def test_skip_errors_lists_failures_and_keeps_the_rest(av, tmp_path, model, caplog):
+def test_skip_errors_lists_failures_and_keeps_the_rest(av, tmp_path, tiny_model, caplog):
     good = [write_video(tmp_path / f'g{k}.mp4', textured(k, 10)) for k in range(2)]
     bad = tmp_path / 'bad.mp4'
     bad.write_bytes(b'not a video' * 50)
     videos = [good[0], bad, str(tmp_path / 'gone.mp4'), good[1]]
     with caplog.at_level(logging.WARNING, logger='modelscope_cnclip.video'):
-        vectors, failed = encode_videos(model, videos, skip_errors=True)
-    assert torch.allclose(vectors, model.encode_video(good), atol=1e-5)
+        vectors, failed = encode_videos(tiny_model, videos, skip_errors=True)
+    assert torch.allclose(vectors, tiny_model.encode_video(good), atol=1e-5)
     assert [(f.index, f.source) for f in failed] == [(1, repr(str(bad))), (2, repr(str(tmp_path / 'gone.mp4')))]
     assert 'not a video decord can open' in failed[0].reason and 'not found' in failed[1].reason
     assert all(isinstance(f, VideoFailure) for f in failed) and 'video[1]' in caplog.text
     with pytest.raises(VideoError, match=rf"video\[1\]: cannot read video '{bad}'"):
-        encode_videos(model, videos)
+        encode_videos(tiny_model, videos)
     with pytest.raises(ValueError, match="mode='every'"):  # an argument error is not a per-video failure
-        encode_videos(model, videos, FrameSampling(mode='every'), skip_errors=True)
-    assert encode_videos(model, [bad], skip_errors=True).embeddings.shape == (0, 32)
+        encode_videos(tiny_model, videos, FrameSampling(mode='every'), skip_errors=True)
+    assert encode_videos(tiny_model, [bad], skip_errors=True).embeddings.shape == (0, 32)
 
 
-def test_a_frame_retrieves_its_video(av, tmp_path, model):
+def test_a_frame_retrieves_its_video(av, tmp_path, tiny_model):
     clips = [textured(10 + k, 16) for k in range(5)]
     paths = [write_video(tmp_path / f'r{k}.mp4', frames) for k, frames in enumerate(clips)]
-    index = model.encode_video(paths)  # (5, D): videos in the image space
-    queries = model.encode_image([Image.fromarray(frames[7]) for frames in clips])
+    index = tiny_model.encode_video(paths)  # (5, D): videos in the image space
+    queries = tiny_model.encode_image([Image.fromarray(frames[7]) for frames in clips])
     assert (queries @ index.t()).argmax(1).tolist() == list(range(5))
-    assert (model.encode_text(['海边的日落']) @ index.t()).shape == (1, 5)
+    assert (tiny_model.encode_text(['海边的日落']) @ index.t()).shape == (1, 5)
 
 
 # ---- the ModelScope pipeline -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
-def pipe(plugin_vit_dir):
-    from modelscope.pipelines import pipeline
-    from modelscope.utils.constant import Tasks
-    return pipeline(task=Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu')
-
-
-def test_pipeline_video_input(av, tmp_path, pipe, images):
+def test_pipeline_video_input(av, tmp_path, tiny_pipe, images):
     paths = [write_video(tmp_path / f'p{k}.mp4', textured(20 + k, 12)) for k in range(2)]
-    out = pipe({'video': str(paths[0])})
+    out = tiny_pipe({'video': str(paths[0])})
     assert out['img_embedding'] is None and out['text_embedding'] is None
     emb = out['video_embedding']
     assert emb.shape == (1, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(1), atol=1e-5)
-    assert torch.allclose(emb, pipe.model.core.encode_video(paths[0]), atol=1e-5)
-    both = pipe({'img': images, 'video': paths, 'text': ['猫', '狗']})
+    assert torch.allclose(emb, tiny_pipe.model.core.encode_video(paths[0]), atol=1e-5)
+    both = tiny_pipe({'img': images, 'video': paths, 'text': ['猫', '狗']})
     shapes = [both[k].shape for k in ('img_embedding', 'video_embedding', 'text_embedding')]
     assert shapes == [(3, 32), (2, 32), (2, 32)]
     assert torch.allclose(both['video_embedding'][:1], emb, atol=1e-5)
-    assert pipe({'text': '猫'})['video_embedding'] is None
-    assert torch.allclose(pipe.forward({'video': paths[1]})['video_embedding'], both['video_embedding'][1:],
+    assert tiny_pipe({'text': '猫'})['video_embedding'] is None
+    assert torch.allclose(tiny_pipe.forward({'video': paths[1]})['video_embedding'], both['video_embedding'][1:],
                           atol=1e-5)
 
 
-def test_pipeline_frame_sampling_arguments(av, tmp_path, pipe):
+def test_pipeline_frame_sampling_arguments(av, tmp_path, tiny_pipe):
     path = write_video(tmp_path / 'args.avi', textured(30, 20))
-    two = pipe({'video': path}, sampling=uniform(2))['video_embedding']
-    assert torch.allclose(two, pipe.model.core.encode_video(path, uniform(2)), atol=1e-5)
-    assert not torch.allclose(two, pipe({'video': path})['video_embedding'], atol=1e-4)
+    two = tiny_pipe({'video': path}, sampling=uniform(2))['video_embedding']
+    assert torch.allclose(two, tiny_pipe.model.core.encode_video(path, uniform(2)), atol=1e-5)
+    assert not torch.allclose(two, tiny_pipe({'video': path})['video_embedding'], atol=1e-4)
     fps_sampling = by_fps(sample_fps=5, max_frames=3)
-    fps = pipe({'video': path}, sampling=fps_sampling)['video_embedding']
-    assert torch.allclose(fps, pipe.model.core.encode_video(path, fps_sampling), atol=1e-5)
+    fps = tiny_pipe({'video': path}, sampling=fps_sampling)['video_embedding']
+    assert torch.allclose(fps, tiny_pipe.model.core.encode_video(path, fps_sampling), atol=1e-5)
     # a dict of the fields (as a configuration file gives it) is the same sampling
-    assert torch.allclose(pipe({'video': path}, sampling={'mode': 'fps', 'sample_fps': 5, 'max_frames': 3})[
+    assert torch.allclose(tiny_pipe({'video': path}, sampling={'mode': 'fps', 'sample_fps': 5, 'max_frames': 3})[
         'video_embedding'], fps, atol=1e-5)
-    assert torch.allclose(pipe.forward({'video': path}, sampling=uniform(2))['video_embedding'], two,
+    assert torch.allclose(tiny_pipe.forward({'video': path}, sampling=uniform(2))['video_embedding'], two,
                           atol=1e-5)
-    batch = pipe.preprocessor({'video': [path, path]}, sampling=uniform(3))
+    batch = tiny_pipe.preprocessor({'video': [path, path]}, sampling=uniform(3))
     assert batch['video_pixel_values'].shape == (6, 3, 64, 64) and batch['video_frame_counts'].tolist() == [3, 3]
     with pytest.raises(TypeError, match=r"unknown pipeline argument\(s\) \['frames'\]"):
-        pipe({'video': path}, frames=2)
+        tiny_pipe({'video': path}, frames=2)
     with pytest.raises(ValueError, match=r"mode='x': choose one of"):
-        pipe({'video': path}, sampling={'mode': 'x'})
+        tiny_pipe({'video': path}, sampling={'mode': 'x'})
     with pytest.raises(TypeError, match=r"sampling: unknown field\(s\) \['video_mode'\]"):
-        pipe({'video': path}, sampling={'video_mode': 'fps'})
+        tiny_pipe({'video': path}, sampling={'video_mode': 'fps'})
 
 
-def test_pipeline_bad_video_is_explained(av, tmp_path, pipe):
+def test_pipeline_bad_video_is_explained(av, tmp_path, tiny_pipe):
     bad = tmp_path / 'bad.avi'
     bad.write_bytes(b'RIFF' + b'\x00' * 100)
     with pytest.raises(VideoError, match=rf"video\[0\]: cannot read video '{bad}'"):
-        pipe({'video': str(bad)})
+        tiny_pipe({'video': str(bad)})
     with pytest.raises(ValueError, match=r'unknown input key\(s\) \[\'videos\'\]; use "img" \(images\), "video"'):
-        pipe({'videos': str(bad)})
+        tiny_pipe({'videos': str(bad)})

@@ -1,6 +1,6 @@
-"""Decoded video frames are checked before they are embedded: narrow and rotated videos that decord misdecodes
-are decoded with PyAV, and without PyAV a wrong shape is a VideoError naming the video and the shape, through
-read_frames, encode_videos, the pipeline and `cnclip embed`."""
+"""video.py: decoded video frames are checked before they are embedded: narrow and rotated videos that decord
+misdecodes are decoded with PyAV, and without PyAV a wrong shape is a VideoError naming the video and the shape,
+through read_frames, encode_videos, the pipeline and `cnclip embed`."""
 from __future__ import annotations
 
 import json
@@ -14,36 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_video import SIZE, coloured_video, index_of, write_video
 
-import modelscope_cnclip
 from modelscope_cnclip.cli import main
-from modelscope_cnclip.video import FrameSampling, VideoError, _AVReader, encode_videos, read_frames, sample_indices
+from modelscope_cnclip.video import VideoError, _AVReader, encode_videos, read_frames, sample_indices
 
-
-def uniform(n: int) -> FrameSampling:
-    """Centre frames of ``n`` equal segments."""
-    return FrameSampling(num_frames=n)
-
-
-def by_fps(**fields) -> FrameSampling:
-    """Frames by time: ``sample_fps`` a second, at most ``max_frames``."""
-    return FrameSampling(mode='fps', **fields)
-
+from helpers import SIZE, by_fps, coloured_video, index_of, uniform, write_video
 
 NARROW = [16, 24, 48]  # widths decord 0.6 decodes as 6-, 4- and 4-channel arrays
 HEIGHT = 32
-
-
-@pytest.fixture(scope='module')
-def av():
-    pytest.importorskip('decord')
-    return pytest.importorskip('av')
-
-
-@pytest.fixture(scope='module')
-def model(plugin_vit_dir):
-    return modelscope_cnclip.load(plugin_vit_dir)
 
 
 def blocks(seed: int, width: int, height: int, n: int) -> list[np.ndarray]:
@@ -129,15 +107,16 @@ def test_pyav_reader_reads_like_decord(av, tmp_path):
         reader[30]
 
 
-def test_narrow_videos_embed_their_frames(av, tmp_path, model):
+def test_narrow_videos_embed_their_frames(av, tmp_path, tiny_model):
     paths = [write_video(tmp_path / f'e{w}.mp4', blocks(w + 1, w, HEIGHT, 10)) for w in NARROW]
     paths.append(write_rotated(tmp_path / 'e_rot.mp4', blocks(99, 48, 16, 10), 90))
-    got = encode_videos(model, paths, uniform(4), batch_size=6)
+    got = encode_videos(tiny_model, paths, uniform(4), batch_size=6)
     assert got.failed == [] and got.embeddings.shape == (4, 32)
     for row, path in zip(got.embeddings, paths):
         reference = pyav_frames(path)
         assert reference[0].shape[1] in NARROW
-        assert torch.allclose(row, pooled(model, [reference[i] for i in sample_indices(10, 10, uniform(4))]), atol=1e-5)
+        want = pooled(tiny_model, [reference[i] for i in sample_indices(10, 10, uniform(4))])
+        assert torch.allclose(row, want, atol=1e-5)
 
 
 def test_real_narrow_video_without_pyav_is_a_video_error(av, tmp_path, monkeypatch):
@@ -209,36 +188,29 @@ def test_wrong_shape_without_pyav_is_a_video_error(clip, misdecoded, no_pyav):
         read_frames(clip.read_bytes())
 
 
-def test_encode_videos_falls_back_or_reports(clip, model, monkeypatch):
-    want = pooled(model, [pyav_frames(clip)[i] for i in sample_indices(30, 10, uniform(8))])
+def test_encode_videos_falls_back_or_reports(clip, tiny_model, monkeypatch):
+    want = pooled(tiny_model, [pyav_frames(clip)[i] for i in sample_indices(30, 10, uniform(8))])
     shape = misdecode(monkeypatch, 'rgba')
-    got = encode_videos(model, [clip, clip])
+    got = encode_videos(tiny_model, [clip, clip])
     assert got.failed == [] and torch.allclose(got.embeddings, want.expand(2, -1), atol=1e-5)
 
     monkeypatch.setitem(sys.modules, 'av', None)
-    vectors, failed = encode_videos(model, [clip], skip_errors=True)
+    vectors, failed = encode_videos(tiny_model, [clip], skip_errors=True)
     assert vectors.shape == (0, 32) and [(f.index, f.source) for f in failed] == [(0, repr(str(clip)))]
     assert re.fullmatch(wrong_shape_error(clip, shape), failed[0].reason)
     with pytest.raises(VideoError, match=r'video\[0\]: ' + wrong_shape_error(clip, shape)):
-        encode_videos(model, clip)
+        encode_videos(tiny_model, clip)
 
 
 # ---- the pipeline and `cnclip embed --modality video` ----------------------------------------------------------
 
-@pytest.fixture(scope='module')
-def pipe(plugin_vit_dir):
-    from modelscope.pipelines import pipeline
-    from modelscope.utils.constant import Tasks
-    return pipeline(task=Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu')
-
-
-def test_pipeline_video_input_with_a_wrong_shape(clip, pipe, monkeypatch):
-    want = pooled(pipe.model.core, [pyav_frames(clip)[i] for i in sample_indices(30, 10, uniform(8))])
+def test_pipeline_video_input_with_a_wrong_shape(clip, tiny_pipe, monkeypatch):
+    want = pooled(tiny_pipe.model.core, [pyav_frames(clip)[i] for i in sample_indices(30, 10, uniform(8))])
     shape = misdecode(monkeypatch, 'six')
-    assert torch.allclose(pipe({'video': str(clip)})['video_embedding'], want[None], atol=1e-5)
+    assert torch.allclose(tiny_pipe({'video': str(clip)})['video_embedding'], want[None], atol=1e-5)
     monkeypatch.setitem(sys.modules, 'av', None)
     with pytest.raises(VideoError, match=r'video\[0\]: ' + wrong_shape_error(clip, shape)):
-        pipe({'video': str(clip)})
+        tiny_pipe({'video': str(clip)})
 
 
 def test_cnclip_embed_lists_a_wrong_shape_in_errors_jsonl(av, tmp_path, plugin_vit_dir, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""Video frame sampling by time: variable-frame-rate videos are sampled by their frame timestamps, constant-rate
+"""video.py: frame sampling by time: variable-frame-rate videos are sampled by their frame timestamps, constant-rate
 ones exactly as by frame number, and unusable timestamps fall back to index / average fps."""
 from __future__ import annotations
 
@@ -12,29 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modelscope_cnclip.video import FrameSampling, _decode, read_frames, sample_indices
+from modelscope_cnclip.video import _decode, read_frames, sample_indices
+
+from helpers import by_fps, uniform
 
 # The VFR clip of the issue: 10 s at 1 fps, then 2 s at 30 fps (70 frames, 12 s).
 VFR_TIMES = [float(k) for k in range(10)] + [10 + k / 30 for k in range(60)]
 VFR_END = 12.0
 GREY = 3  # frame i is the flat grey level GREY * i, encoded losslessly, so a decoded frame tells its index
-
-
-
-def uniform(n: int) -> FrameSampling:
-    """Centre frames of ``n`` equal segments."""
-    return FrameSampling(num_frames=n)
-
-
-def by_fps(**fields) -> FrameSampling:
-    """Frames by time: ``sample_fps`` a second, at most ``max_frames``."""
-    return FrameSampling(mode='fps', **fields)
-
-
-@pytest.fixture(scope='module')
-def av():
-    pytest.importorskip('decord')
-    return pytest.importorskip('av')
 
 
 def shown(times: list[float], t: float) -> int:

@@ -1,5 +1,6 @@
-"""Zero-shot classification: the official templates as data, ImageFolder semantics, parity with the official
-``zeroshot_evaluation.py`` on a tiny golden model, known answers from a stub model, and ``cnclip zeroshot``."""
+"""evaluation/zeroshot.py: zero-shot classification: the official templates as data, ImageFolder semantics, parity
+with the official ``zeroshot_evaluation.py`` on a tiny golden model, known answers from a stub model, and
+``cnclip zeroshot``."""
 import json
 import random
 import shutil
@@ -26,10 +27,9 @@ from modelscope_cnclip.evaluation.zeroshot import (
     zeroshot_classifier,
 )
 
-from conftest import DATA
 from golden.weights import load_spec, make_state_dict
+from helpers import GOLDEN
 
-GOLDEN = DATA / 'golden'
 ZS = json.loads((GOLDEN / 'zeroshot' / 'golden.json').read_text(encoding='utf-8'))
 
 
