@@ -185,7 +185,8 @@ def _similarity(args: argparse.Namespace) -> int:
                            '(texts with "image_ids": [], e.g. MUGE test), whose submission files are all it makes'))
 def _eval(args: argparse.Namespace) -> int:
     from modelscope_cnclip.evaluation import evaluate_split
-    print(json.dumps(evaluate_split(_load(args), args.data, args.split, args.batch_size, args.out)))
+    print(json.dumps(evaluate_split(_load(args), args.data, args.split, batch_size=args.batch_size,
+                                    predictions_dir=args.out)))
     return 0
 
 
@@ -221,7 +222,8 @@ def _zeroshot(args: argparse.Namespace) -> int:
     name, prompts = (args.templates, templates(args.templates)) if args.templates else \
         templates_for_dataset(args.dataset)
     model = _load(args)
-    res = evaluate_zeroshot(model, args.images, classnames, prompts, args.batch_size, args.skip_errors)
+    res = evaluate_zeroshot(model, args.images, classnames, prompts, batch_size=args.batch_size,
+                            skip_errors=args.skip_errors)
     if args.out:
         elevater_output(model, args.dataset, res['logits'], args.out)
     print(json.dumps({'top1': res['top1'], 'top5': res['top5'], 'n_images': res['n_images'],

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 
+from modelscope_cnclip.config import Precision
 from modelscope_cnclip.embeddings import Embeddings, load_embeddings, read_format_json
 from modelscope_cnclip.utils import atomic_dir, atomic_write_bytes
 
@@ -713,8 +714,8 @@ class Searcher:
         self.model = model
 
     @classmethod
-    def open(cls, index_path: str | os.PathLike, model: 'CNClip | str | os.PathLike | None' = None,
-             device: str = 'cpu', precision: str = 'fp32') -> 'Searcher':
+    def open(cls, index_path: str | os.PathLike, model: 'CNClip | str | os.PathLike | None' = None, *,
+             device: str = 'cpu', precision: Precision = 'fp32') -> 'Searcher':
         """Load an index dir and the model to embed queries with.
 
         Args:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from modelscope_cnclip.checkpoints.convert import load_strict
 from modelscope_cnclip.checkpoints.layouts import Checkpoint, read_source
-from modelscope_cnclip.config import DEFAULT_BATCH, CLIPConfig, match_architecture
+from modelscope_cnclip.config import DEFAULT_BATCH, CLIPConfig, Precision, match_architecture
 from modelscope_cnclip.model import CLIP
 from modelscope_cnclip.tokenizer import Tokenizer, check_texts
 from modelscope_cnclip.transform import ImageInput, ImageTransform, as_image_batch
@@ -50,7 +50,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:
     """``'fp32'`` | ``'fp16'`` | ``'bf16'`` -> dtype, refusing fp16 on a CPU (slow and inexact there)."""
     if precision not in PRECISIONS:
         raise ValueError(f'precision={precision!r}: choose one of {list(PRECISIONS)}')
@@ -111,7 +111,7 @@ def check_token_ids(ids: torch.Tensor, config: CLIPConfig, tokenizer: Tokenizer 
 
 
 @torch.inference_mode()
-def encode_images(model: CLIP, transform: ImageTransform, images: Sequence[ImageInput] | torch.Tensor,
+def encode_images(model: CLIP, transform: ImageTransform, images: Sequence[ImageInput] | torch.Tensor, *,
                   batch_size: int = DEFAULT_BATCH, normalize: bool = True, num_threads: int = 0) -> torch.Tensor:
     """Embed images (inputs or an ``(N, 3, R, R)`` float pixel tensor) -> ``(N, D)`` float32 on the model's device.
 
@@ -136,7 +136,7 @@ def encode_images(model: CLIP, transform: ImageTransform, images: Sequence[Image
 
 
 @torch.inference_mode()
-def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: str | Sequence[str] | torch.Tensor,
+def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: str | Sequence[str] | torch.Tensor, *,
                  batch_size: int = DEFAULT_BATCH, normalize: bool = True) -> torch.Tensor:
     """Embed texts (str, list of str, or ``(N, L)`` token ids) -> ``(N, D)`` float32 on the model's device.
 
@@ -193,8 +193,8 @@ class CNClip:
         self.checkpoint_info = checkpoint_info
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, device: str | torch.device | None = 'cpu',
-                        precision: str = 'fp32', fast_decode: bool = False) -> 'CNClip':
+    def from_checkpoint(cls, ckpt: Checkpoint, *, device: str | torch.device | None = 'cpu',
+                        precision: Precision = 'fp32', fast_decode: bool = False) -> 'CNClip':
         """Build from a read checkpoint. The model adopts its tensors (no copy) and ``ckpt.state_dict`` is
         emptied, so a cast to bf16/fp16 frees each fp32 tensor as it goes (peak memory ~ one model)."""
         model = build_model(ckpt)
@@ -228,8 +228,8 @@ class CNClip:
         """``1 / exp(logit_scale)`` as a 0-dim float32 tensor without grad."""
         return (1.0 / self.model.logit_scale.detach().float().exp()).clone()
 
-    def encode_image(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor,
-                     batch_size: int = DEFAULT_BATCH, *, normalize: bool = True) -> torch.Tensor:
+    def encode_image(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor, *,
+                     batch_size: int = DEFAULT_BATCH, normalize: bool = True) -> torch.Tensor:
         """Image embeddings of one image input, a list of them, a uint8 batch (``(N, H, W, C)`` or ``(N, C, H, W)``
         array or tensor), or normalised float pixels (``(3, R, R)`` or ``(N, 3, R, R)`` at the model's ``R``).
 
@@ -245,9 +245,10 @@ class CNClip:
             ValueError / TypeError / FileNotFoundError / OSError: ``img[i]: ...`` naming the first input that cannot
                 be read, or a pixel tensor of the wrong shape or dtype.
         """
-        return encode_images(self.model, self.transform, as_image_batch(images), batch_size, normalize=normalize)
+        return encode_images(self.model, self.transform, as_image_batch(images), batch_size=batch_size,
+                             normalize=normalize)
 
-    def encode_text(self, texts: str | Sequence[str] | torch.Tensor, batch_size: int = DEFAULT_BATCH, *,
+    def encode_text(self, texts: str | Sequence[str] | torch.Tensor, *, batch_size: int = DEFAULT_BATCH,
                     normalize: bool = True) -> torch.Tensor:
         """Text embeddings of a str, a list of str, or token ids (``(L,)`` or ``(N, L)``, integers in the
         vocabulary, at most the text tower's positions long; see :func:`check_token_ids`).
@@ -264,7 +265,8 @@ class CNClip:
             TypeError: not a str, a list of str or integer token ids. ValueError: token ids too long or outside the
                 vocabulary.
         """
-        return encode_texts(self.model, self.tokenizer, as_text_batch(texts), batch_size, normalize=normalize)
+        return encode_texts(self.model, self.tokenizer, as_text_batch(texts), batch_size=batch_size,
+                            normalize=normalize)
 
     def encode_video(self, videos: Any, sampling: FrameSampling | None = None, *,
                      batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
@@ -307,10 +309,10 @@ class CNClip:
     def _embed_pair(self, images: Any, texts: Any, what: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, (list, tuple)) and not texts:
             raise ValueError(f'{what} needs at least one text to score the images against')
-        return self.encode_image(images, batch_size), self.encode_text(texts, batch_size)
+        return self.encode_image(images, batch_size=batch_size), self.encode_text(texts, batch_size=batch_size)
 
 
-def load(source: str | os.PathLike, device: str | torch.device | None = 'cpu', precision: str = 'fp32',
+def load(source: str | os.PathLike, *, device: str | torch.device | None = 'cpu', precision: Precision = 'fp32',
          config: CLIPConfig | str | os.PathLike | None = None, fast_decode: bool = False) -> CNClip:
     """Load any checkpoint (model dir of any layout, weights file, ModelScope hub id, or an architecture name for its
     published weights) ready to embed.
@@ -325,4 +327,5 @@ def load(source: str | os.PathLike, device: str | torch.device | None = 'cpu', p
         config: override the architecture (a name such as ``'ViT-B-16'``, a :class:`CLIPConfig` or a JSON path).
         fast_decode: decode JPEGs at reduced size before resizing (faster on photos; slightly different pixels).
     """
-    return CNClip.from_checkpoint(read_source(source, config), device, precision, fast_decode)
+    return CNClip.from_checkpoint(read_source(source, config), device=device, precision=precision,
+                                  fast_decode=fast_decode)

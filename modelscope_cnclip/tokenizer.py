@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import unicodedata
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -94,8 +94,8 @@ class Tokenizer:
         self._tok.pre_tokenizer = BertPreTokenizer()
         self.vocab_size = len(vocab)
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None,
-                 padding: str = 'longest') -> dict[str, torch.Tensor]:
+    def __call__(self, texts: str | Sequence[str], *, context_length: int | None = None,
+                 padding: Literal['longest', 'max_length'] = 'longest') -> dict[str, torch.Tensor]:
         """Tokenise ``texts`` into ``input_ids`` and ``attention_mask``, both ``(N, L)`` int64.
 
         Args:

@@ -350,7 +350,7 @@ class ImageTransform:
                 pool.shutdown(wait=True, cancel_futures=True)
 
 
-def image_transform(cfg: PreprocessConfig | None = None, image_size: int | None = None,
+def image_transform(cfg: PreprocessConfig | None = None, *, image_size: int | None = None,
                     fast_decode: bool = False) -> ImageTransform:
     """The preprocessing of a model (``cfg``), or the standard one at ``image_size`` (224 by default)."""
     if cfg is None:

@@ -677,7 +677,7 @@ def encode_videos(model: CNClip, videos: VideoInput | Sequence[VideoInput], samp
 
     def flush() -> None:
         pixels = model.transform.normalize(torch.from_numpy(np.concatenate(arrays)))  # (F, 3, R, R)
-        outs.append(pool_frames(model.encode_image(pixels, batch_size), [len(a) for a in arrays]))
+        outs.append(pool_frames(model.encode_image(pixels, batch_size=batch_size), [len(a) for a in arrays]))
         arrays.clear()
 
     for i, video, result in _read_ahead(items, load, workers, 2 * workers + batch_size // sampling.num_frames):

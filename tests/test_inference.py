@@ -39,7 +39,7 @@ def test_normalize_false_gives_the_raw_features(tiny_model, images) -> None:
     assert torch.equal(tiny_model.encode_text(TEXTS), tiny_model.encode_text(TEXTS, normalize=True))
     assert torch.allclose(tiny_model.encode_text(TEXTS), F.normalize(raw_txt, dim=-1), atol=1e-6)
     with pytest.raises(TypeError):
-        tiny_model.encode_text(TEXTS, 8, True)  # normalize is keyword-only
+        tiny_model.encode_text(TEXTS, 8, True)  # batch_size and normalize are keyword-only
 
 
 def test_similarity_is_the_cosine_similarity(tiny_model, images) -> None:

@@ -41,6 +41,7 @@ from modelscope_cnclip.config import (
     LAYOUTS,
     RESOURCES,
     CLIPConfig,
+    Layout,
     available_models,
     config_from_hub,
     config_to_hub,
@@ -209,7 +210,7 @@ def _snapshot(hub_id: str, revision: str | None) -> Path:
     return Path(snapshot_download(hub_id, revision=revision) if revision else snapshot_download(hub_id))
 
 
-def read_source(source: str | os.PathLike, config: CLIPConfig | str | os.PathLike | None = None,
+def read_source(source: str | os.PathLike, config: CLIPConfig | str | os.PathLike | None = None, *,
                 revision: str | None = None) -> Checkpoint:
     """Read weights from any supported source.
 
@@ -319,7 +320,7 @@ def _write_hf(ckpt: Checkpoint, d: Path, max_shard_size: int | str | None = None
     write_hf_files(official_to_hf(_contiguous(ckpt.state_dict)), ckpt.config, ckpt.vocab_file, d, max_shard_size)
 
 
-def write_dir(ckpt: Checkpoint, dst: str | os.PathLike, to: str = 'plugin', overwrite: bool = False,
+def write_dir(ckpt: Checkpoint, dst: str | os.PathLike, *, to: Layout = 'plugin', overwrite: bool = False,
               configuration: dict[str, Any] | None = None, max_shard_size: int | str | None = None) -> Path:
     """Write ``ckpt`` as a model dir of layout ``to`` (``plugin``, ``hub`` or ``hf``), atomically.
 
@@ -342,7 +343,7 @@ def write_dir(ckpt: Checkpoint, dst: str | os.PathLike, to: str = 'plugin', over
     return dst
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = 'plugin',
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: Layout = 'plugin',
             config: CLIPConfig | str | os.PathLike | None = None, overwrite: bool = False,
             max_shard_size: int | str | None = None) -> Path:
     """Convert any readable checkpoint (see :func:`read_source`) into a ``plugin``, ``hub`` or ``hf`` model dir.
@@ -356,7 +357,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = 'plugin',
     _check_shardable(to, max_shard_size)
     ckpt = read_source(src, config)
     check_fits(ckpt)
-    return write_dir(ckpt, dst, to, overwrite, max_shard_size=max_shard_size)
+    return write_dir(ckpt, dst, to=to, overwrite=overwrite, max_shard_size=max_shard_size)
 
 
 def check_fits(ckpt: Checkpoint) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import torch
 
+from modelscope_cnclip.config import DEFAULT_BATCH, Direction
 from modelscope_cnclip.data import LmdbSplit, id_key, open_split, parse_id, read_jsonl
 from modelscope_cnclip.inference import CNClip
 from modelscope_cnclip.jobs.collection import Collection, Item
@@ -94,7 +95,7 @@ def _num_predictions(n_candidates: int, k: int = NUM_K) -> int:
     return min(k, n_candidates)
 
 
-def rank_both(text_emb: torch.Tensor, image_emb: torch.Tensor, k: int = NUM_K,
+def rank_both(text_emb: torch.Tensor, image_emb: torch.Tensor, k: int = NUM_K, *,
               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each text's ``k`` best images and each image's ``k`` best texts, a chunk of queries at a time.
 
@@ -184,7 +185,7 @@ def _metrics(t2i_top: torch.Tensor, i2t_top: torch.Tensor, t2i_correct: Sequence
 
 
 def retrieval_metrics(image_emb: torch.Tensor, image_ids: Sequence[Hashable], text_emb: torch.Tensor,
-                      text_image_ids: Sequence[Sequence[Hashable]],
+                      text_image_ids: Sequence[Sequence[Hashable]], *,
                       chunk: int | None = None) -> dict[str, dict[str, float]]:
     """Global text-to-image and image-to-text R@1/5/10 and MR (percent) over the whole evaluation set.
 
@@ -204,7 +205,7 @@ def retrieval_metrics(image_emb: torch.Tensor, image_ids: Sequence[Hashable], te
         raise ValueError(f'{image_emb.shape[0]} image embeddings for {len(image_ids)} ids, '
                          f'{text_emb.shape[0]} text embeddings for {len(text_image_ids)} texts')
     t2i_correct, i2t_correct = _correct_sets(image_ids, text_image_ids)
-    t2i, i2t = rank_both(text_emb, image_emb, max(KS), chunk)
+    t2i, i2t = rank_both(text_emb, image_emb, max(KS), chunk=chunk)
     return _metrics(t2i, i2t, t2i_correct, i2t_correct)
 
 
@@ -297,7 +298,7 @@ def _unlabelled_note(split: str, unlabelled: int, total: int) -> str:
             f'over the {total - unlabelled} labelled texts; the official scorer would count them as misses)')
 
 
-def evaluate_split(model: CNClip, data_dir: str | os.PathLike, split: str = 'valid', batch_size: int = 64,
+def evaluate_split(model: CNClip, data_dir: str | os.PathLike, split: str = 'valid', *, batch_size: int = DEFAULT_BATCH,
                    predictions_dir: str | os.PathLike | None = None, chunk: int | None = None) -> dict[str, Any]:
     """Embed an official-format split (tsv + jsonl, or its LMDB form) with ``model`` and score it.
 
@@ -329,7 +330,7 @@ def evaluate_split(model: CNClip, data_dir: str | os.PathLike, split: str = 'val
     if predictions_dir is not None:
         for n_candidates in (len(ids), len(texts)):  # warns when a direction has fewer than 10 candidates
             _num_predictions(n_candidates)
-    t2i, i2t = rank_both(text_emb, image_emb, NUM_K, chunk)
+    t2i, i2t = rank_both(text_emb, image_emb, NUM_K, chunk=chunk)
     result: dict[str, Any] = {'t2i': None, 'i2t': None}
     if labelled:
         result.update(_metrics(t2i, i2t, *_correct_sets(ids, [t.image_ids for t in texts])))
@@ -390,7 +391,7 @@ def evaluate_pairs(model: CNClip, pairs: Sequence[tuple[Any, str, Hashable]], ba
         text_images.setdefault(text, []).append(image_id)
     text_emb = model.encode_text(list(text_row), batch_size=batch_size).cpu()
     metrics: dict[str, Any] = retrieval_metrics(image_emb, list(image_row), text_emb, list(text_images.values()),
-                                                chunk)
+                                                chunk=chunk)
     metrics['inbatch'] = _inbatch_over_chunks(image_emb[[image_row[i] for _, i in kept]],
                                               text_emb[[text_row[t] for t, _ in kept]], batch_size)
     metrics['skipped'] = skipped
@@ -416,7 +417,7 @@ def _as_predictions(top: torch.Tensor, query_ids: Sequence[Hashable],
 
 
 def topk_predictions(scores: torch.Tensor, query_ids: Sequence[Hashable], candidate_ids: Sequence[Hashable],
-                     k: int = NUM_K, chunk: int | None = None) -> list[tuple[Hashable, list]]:
+                     *, k: int = NUM_K, chunk: int | None = None) -> list[tuple[Hashable, list]]:
     """Each query's ``k`` best candidates, best first (ties: earlier candidate first, as the official scripts).
 
     Args:
@@ -443,7 +444,7 @@ def _write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> Path:
 
 
 def write_predictions(path: str | os.PathLike, predictions: Iterable[tuple[Hashable, Sequence[Hashable]]],
-                      direction: str = 't2i') -> Path:
+                      direction: Direction = 't2i') -> Path:
     """Write :func:`topk_predictions` as the official jsonl: t2i ``{"text_id", "image_ids"}`` lines, i2t
     ``{"image_id", "text_ids"}`` lines. The official scorer needs integer ids."""
     query_key, cand_key = _keys(direction)
@@ -574,7 +575,7 @@ def _check_labelled(reference: Mapping[Hashable, tuple[set, int]], path: Any, di
 
 
 def score_predictions(predictions_path: str | os.PathLike, ground_truth_path: str | os.PathLike,
-                      direction: str = 't2i') -> dict[str, float]:
+                      direction: Direction = 't2i') -> dict[str, float]:
     """Score an official prediction file against a ground truth exactly as ``eval/evaluation.py`` (t2i) and
     ``eval/evaluation_tr.py`` (i2t) do: the same checks (integer ids, 10 distinct predictions a line, every
     ground-truth query predicted) and the same numbers. Stricter in one way: a query predicted on two lines is an

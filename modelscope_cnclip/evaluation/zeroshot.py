@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modelscope_cnclip.config import RESOURCES
+from modelscope_cnclip.config import DEFAULT_BATCH, RESOURCES
 from modelscope_cnclip.transform import load_image
 from modelscope_cnclip.utils import default_threads
 
@@ -175,8 +175,8 @@ def _format(template: str, classname: str) -> str:
 
 
 @torch.inference_mode()
-def zeroshot_classifier(model: Any, classnames: Sequence[str], templates: Sequence[str],
-                        batch_size: int = 64) -> torch.Tensor:
+def zeroshot_classifier(model: Any, classnames: Sequence[str], templates: Sequence[str], *,
+                        batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
     """Class embeddings as the official ``zero_shot_classifier``: for each class, every template filled with the
     (preprocessed) name is embedded and L2-normalised; their mean, renormalised, is the class's column.
 
@@ -207,7 +207,7 @@ def zeroshot_classifier(model: Any, classnames: Sequence[str], templates: Sequen
     return torch.cat(columns).T.contiguous()  # (D, C)
 
 
-def classify(model: Any, images: Any, classifier: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def classify(model: Any, images: Any, classifier: torch.Tensor, *, batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
     """Class probabilities ``softmax(100 * img @ W)``, ``(N, C)``, of image inputs (anything
     ``model.encode_image`` takes) against a :func:`zeroshot_classifier` ``W``."""
     img = model.encode_image(images, batch_size=batch_size).float()
@@ -230,7 +230,7 @@ def _percent(hits: torch.Tensor) -> float:
 
 
 def evaluate_zeroshot(model: Any, images_dir: str | os.PathLike, classnames: Sequence[str],
-                      templates: Sequence[str], batch_size: int = 64, skip_errors: bool = False,
+                      templates: Sequence[str], *, batch_size: int = DEFAULT_BATCH, skip_errors: bool = False,
                       per_class: bool = False) -> dict[str, Any]:
     """Zero-shot top-1/top-5 accuracy on an ImageFolder, as the official ``zeroshot_evaluation.py``.
 
@@ -254,7 +254,7 @@ def evaluate_zeroshot(model: Any, images_dir: str | os.PathLike, classnames: Seq
         shown = ', '.join(folder.classes[:5]) + (', ...' if len(folder.classes) > 5 else '')
         raise ValueError(f'{len(classnames)} class names for {len(folder.classes)} class folders in {images_dir} '
                          f'({shown}): give one name a line, in the order of the sorted folder names')
-    classifier = zeroshot_classifier(model, classnames, templates, batch_size)
+    classifier = zeroshot_classifier(model, classnames, templates, batch_size=batch_size)
     probs, targets, paths, skipped = [], [], [], []
     with ThreadPoolExecutor(default_threads(), thread_name_prefix='cnclip-zeroshot') as pool:
         for start in range(0, len(folder), batch_size):
@@ -273,7 +273,7 @@ def evaluate_zeroshot(model: Any, images_dir: str | os.PathLike, classnames: Seq
                 targets.append(target)
                 paths.append(path)
             if good:
-                probs.append(classify(model, good, classifier, batch_size).cpu())
+                probs.append(classify(model, good, classifier, batch_size=batch_size).cpu())
     if not probs:
         raise ValueError(f'{images_dir}: none of the {len(folder)} images could be read')
     logits, target = torch.cat(probs), torch.tensor(targets)

@@ -176,12 +176,12 @@ def _table_items(path: Path, modality: str, columns: Mapping[str, str], root: Pa
     return items, modality
 
 
-def open_collection(source: str | os.PathLike, modality: str = 'auto', split: str | None = None,
+def open_collection(location: str | os.PathLike, modality: Modality = 'auto', *, split: str | None = None,
                     columns: Mapping[str, str] | None = None, root: str | os.PathLike | None = None) -> Collection:
     """Open anything embeddable as a :class:`Collection`.
 
     Args:
-        source: a folder (images, or videos with ``modality='video'``), a URI of one, a ``.jsonl``/``.csv``/``.tsv``
+        location: a folder (images, or videos with ``modality='video'``), a URI of one, a ``.jsonl``/``.csv``/``.tsv``
             file, an official-format dir (with ``split``) or its LMDB form.
         modality: ``'image'``, ``'text'``, ``'video'`` or ``'auto'`` (folders: images; tables: the first of
             image, video, text columns present; official data: images).
@@ -197,7 +197,7 @@ def open_collection(source: str | os.PathLike, modality: str = 'auto', split: st
     unknown = sorted(set(columns) - set(DEFAULT_COLUMNS))
     if unknown:
         raise ValueError(f'columns {unknown}: the known roles are {sorted(DEFAULT_COLUMNS)}')
-    text = str(source)
+    text = str(location)
     if '://' in text and not text.startswith(('http://', 'https://')):
         mod = 'image' if modality == 'auto' else modality
         if mod == 'text':
@@ -222,7 +222,7 @@ def open_collection(source: str | os.PathLike, modality: str = 'auto', split: st
         exts = VIDEO_EXTENSIONS if mod == 'video' else IMAGE_EXTENSIONS
         return _nonempty(Collection(_scan_folder(path, exts), mod, 'folder', str(path.resolve()),
                                     root=str(path.resolve())), mod, exts)
-    raise FileNotFoundError(f'{source}: not found; give an image/video folder, a URI (s3://...), a .jsonl/.csv '
+    raise FileNotFoundError(f'{location}: not found; give an image/video folder, a URI (s3://...), a .jsonl/.csv '
                             f'file, or an official-format dir')
 
 

@@ -145,7 +145,7 @@ def _finish(out: Path, meta: dict[str, Any]) -> tuple[int, int]:
     return embedded, len(failures)
 
 
-def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLike | Collection,
+def embed_collection(model: CNClip | str | os.PathLike, inputs: str | os.PathLike | Collection,
                      out: str | os.PathLike, *, modality: Modality = 'auto', split: str | None = None,
                      columns: Mapping[str, str] | None = None, root: str | os.PathLike | None = None,
                      settings: ShardSettings = DEFAULT_SETTINGS, engine: Engine = 'local',
@@ -156,7 +156,7 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
     Args:
         model: a loaded :class:`CNClip` or anything :func:`modelscope_cnclip.load` takes (loaded with ``device``,
             ``precision``, ``fast_decode``).
-        source: anything :func:`~modelscope_cnclip.jobs.collection.open_collection` opens (with ``modality``,
+        inputs: anything :func:`~modelscope_cnclip.jobs.collection.open_collection` opens (with ``modality``,
             ``split``, ``columns``, ``root``), or an opened :class:`Collection`.
         settings: shard size, batch size, decoding threads and the frame sampling of videos
             (:class:`~modelscope_cnclip.jobs.shards.ShardSettings`).
@@ -175,7 +175,8 @@ def embed_collection(model: CNClip | str | os.PathLike, source: str | os.PathLik
     if engine not in ENGINES:
         raise ValueError(f'engine={engine!r}: choose one of {list(ENGINES)}')
     started = time.perf_counter()
-    coll = source if isinstance(source, Collection) else open_collection(source, modality, split, columns, root)
+    coll = inputs if isinstance(inputs, Collection) else \
+        open_collection(inputs, modality, split=split, columns=columns, root=root)
     if not isinstance(model, CNClip):
         model = load(model, device=device, precision=precision, fast_decode=fast_decode)
     out = Path(out)

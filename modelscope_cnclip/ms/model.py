@@ -123,4 +123,4 @@ class CNClipForMultiModalEmbedding(TorchModel):
         if to not in LAYOUTS:
             raise ValueError(f'to={to!r}: choose one of {list(LAYOUTS)}')
         conf = plugin_configuration(config) if to == 'plugin' else None
-        write_dir(self.to_checkpoint(), target_folder, to, overwrite, conf)
+        write_dir(self.to_checkpoint(), target_folder, to=to, overwrite=overwrite, configuration=conf)

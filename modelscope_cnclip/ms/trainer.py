@@ -281,7 +281,7 @@ class CNClipTrainer(EpochBasedTrainer):
         state = state.get('state_dict', state)
         ckpt = model.to_checkpoint()
         ckpt.state_dict = {k[len('clip.'):]: v for k, v in state.items() if k.startswith('clip.')}
-        write_dir(ckpt, best_dir, 'plugin', overwrite=True, configuration=plugin_configuration(self.cfg))
+        write_dir(ckpt, best_dir, to='plugin', overwrite=True, configuration=plugin_configuration(self.cfg))
         logger.info('best checkpoint (%s) written to %s', Path(prefix).name, best_dir)
 
     @staticmethod

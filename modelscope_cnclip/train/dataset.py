@@ -96,25 +96,25 @@ def _jsonl_pairs(path: Path) -> list[tuple[Any, str, Any]]:
     return pairs
 
 
-def read_pairs(source: Any, split: str = 'train', column_map: Mapping[str, str] | None = None) -> list[tuple]:
+def read_pairs(data: Any, split: str = 'train', column_map: Mapping[str, str] | None = None) -> list[tuple]:
     """Pairs from an official-format dir (``{split}_imgs.tsv`` + ``{split}_texts.jsonl``, or its LMDB form
     ``{split}/imgs`` + ``{split}/pairs``), a jsonl of
     ``{"image": path, "text": ...}`` lines, or rows (dicts; an ``MsDataset``) with the ``column_map`` columns."""
     columns = {'img': 'img', 'text': 'text', **(column_map or {})}
-    if isinstance(source, (str, Path)):
-        path = Path(source)
+    if isinstance(data, (str, Path)):
+        path = Path(data)
         if split_form(path, split) is not None:
             return _official_pairs(open_split(path, split))
         if path.is_file() and path.suffix == '.jsonl':
             return _jsonl_pairs(path)
         if path.is_dir() and (path / f'{split}.jsonl').is_file():
             return _jsonl_pairs(path / f'{split}.jsonl')
-        raise FileNotFoundError(f'{source}: expected an official-format dir ({split}_imgs.tsv + {split}_texts.jsonl),'
+        raise FileNotFoundError(f'{data}: expected an official-format dir ({split}_imgs.tsv + {split}_texts.jsonl),'
                                 f' a dir with {split}.jsonl, or a .jsonl file of {{"image", "text"}} lines')
-    if isinstance(source, (OfficialSplit, LmdbSplit)):
-        return _official_pairs(source)
+    if isinstance(data, (OfficialSplit, LmdbSplit)):
+        return _official_pairs(data)
     pairs = []
-    for n, row in enumerate(source):
+    for n, row in enumerate(data):
         if columns['img'] not in row or columns['text'] not in row:
             raise KeyError(f'row {n} has columns {sorted(row)}; set dataset.column_map so that "img" and "text" '
                            f'name the image and caption columns (now {columns})')
