@@ -33,9 +33,13 @@ EXTRAS = {
     'video': ['decord>=0.6', 'av'],
     # embedding jobs on a Ray cluster, and s3:// / gs:// inputs (pyarrow comes with Ray Data)
     'ray': ['ray[data]>=2.9'],
+    # cnclip export and exported models: ONNX graphs, ONNX Runtime (CPU; onnxruntime-gpu for CUDA), OpenVINO IR and
+    # NNCF int8. TensorRT engines also need `pip install tensorrt` on a CUDA machine.
+    'export': ['onnx>=1.15', 'onnxruntime>=1.17', 'openvino>=2024.1', 'nncf>=2.10'],
 }
 # six: lets the tests load --to hub output with ModelScope's built-in CLIP class.
-EXTRAS['test'] = ['pytest>=7', 'six', *EXTRAS['train'], *EXTRAS['index'], *EXTRAS['video'], *EXTRAS['ray']]
+EXTRAS['test'] = ['pytest>=7', 'six', *EXTRAS['train'], *EXTRAS['index'], *EXTRAS['video'], *EXTRAS['ray'],
+                  *EXTRAS['export']]
 EXTRAS['all'] = sorted({req for name, reqs in EXTRAS.items() if name != 'test' for req in reqs})
 
 setup(

@@ -17,12 +17,15 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from modelscope_cnclip import __version__
 from modelscope_cnclip.config import (
+    BACKENDS,
     DEFAULT_BATCH,
     DEFAULT_NUM_FRAMES,
     DEFAULT_SCHEDULE_TIMEOUT,
     DEFAULT_SHARD_SIZE,
     DIRECTIONS,
     ENGINES,
+    EXPORT_FORMATS,
+    EXPORT_PRECISIONS,
     LAYOUTS,
     MODALITIES,
     PRECISION_NAMES,
@@ -106,14 +109,17 @@ def command(name: str, help: str, *args: Arg) -> Callable[[Callable[[argparse.Na
 
 # Shared options, declared once.
 MODEL = arg('model', help='a model: an architecture name from `cnclip models`, a model dir of any layout, a weights '
-                          'file or a ModelScope hub id')
+                          'file, a ModelScope hub id, or a dir written by `cnclip export`')
 DEVICE = arg('--device', default='cpu', help='cpu, gpu, cuda:1, ... (default cpu)')
-PRECISION = arg('--precision', default='fp32', choices=PRECISION_NAMES,
-                help='fp32 (default, exact), bf16 (fast on AVX512-BF16/AMX CPUs and GPUs), fp16 (GPU)')
+PRECISION = arg('--precision', choices=PRECISION_NAMES,
+                help='fp32 (the default for checkpoints, exact), bf16 (fast on AVX512-BF16/AMX CPUs and GPUs), fp16 '
+                     '(GPU); an exported dir runs in the precision it was exported in, or bf16 on OpenVINO')
+BACKEND = arg('--backend', choices=BACKENDS,
+              help='torch (checkpoints), onnxruntime, openvino, tensorrt (exported dirs; default: the export\'s own)')
 CONFIG = arg('--config', help='architecture name (e.g. ViT-B-16) or config JSON, when the source does not describe '
                               'itself')
 FAST_DECODE = arg('--fast-decode', action='store_true', help='reduced-size JPEG decoding (faster, slightly inexact)')
-LOADED_MODEL = (MODEL, DEVICE, PRECISION, CONFIG)
+LOADED_MODEL = (MODEL, DEVICE, PRECISION, CONFIG, BACKEND)
 BATCH_SIZE = arg('--batch-size', type=_positive_int, default=DEFAULT_BATCH,
                  help=f'inputs per forward pass (default {DEFAULT_BATCH})')
 SKIP_ERRORS = arg('--skip-errors', action='store_true', help='skip unreadable images (each is reported)')
@@ -123,7 +129,7 @@ JSON = arg('--json', action='store_true', help='print JSON')
 def _load(args: argparse.Namespace) -> Any:
     from modelscope_cnclip.inference import load
     return load(args.model, device=args.device, precision=args.precision, config=args.config,
-                fast_decode=getattr(args, 'fast_decode', False))
+                fast_decode=getattr(args, 'fast_decode', False), backend=args.backend)
 
 
 # --- commands -------------------------------------------------------------------------------------------------------
@@ -141,6 +147,10 @@ def _models(args: argparse.Namespace) -> int:
                  'the weights could not tell)', MODEL, CONFIG)
 def _info(args: argparse.Namespace) -> int:
     from modelscope_cnclip.checkpoints import check_fits, read_source
+    from modelscope_cnclip.runtime import is_export_dir, read_manifest
+    if is_export_dir(args.model):  # an exported dir describes itself: its manifest
+        print(json.dumps(read_manifest(args.model).to_dict(), ensure_ascii=False, indent=2))
+        return 0
     ckpt = read_source(args.model, args.config)
     check_fits(ckpt)  # a --config that does not fit the weights is an error here too, not a report
     n = sum(t.numel() for t in ckpt.state_dict.values())
@@ -160,6 +170,41 @@ def _convert(args: argparse.Namespace) -> int:
     from modelscope_cnclip.checkpoints import convert
     print(convert(args.model, args.out, to=args.to, config=args.config, overwrite=args.overwrite,
                   max_shard_size=args.max_shard_size))
+    return 0
+
+
+@command('export', 'export a checkpoint to ONNX, OpenVINO IR or TensorRT engines (dynamic batch; int8 calibrated '
+                   'and gated on your data); the exported dir is a model source for every command',
+         MODEL, arg('out', nargs='?', help='directory to write (or --out)'),
+         arg('--out', dest='out_option', metavar='OUT', help='directory to write'),
+         arg('--format', default=EXPORT_FORMATS[0], choices=EXPORT_FORMATS,
+             help='onnx (default; ONNX Runtime and OpenVINO run it), openvino (IR), tensorrt (engines; on a GPU)'),
+         arg('--precision', default='fp32', choices=EXPORT_PRECISIONS,
+             help='fp32 (default, exact), fp16 (onnx, tensorrt: for GPUs), int8 (onnx, openvino: needs '
+                  '--calibration; a tower that fails the accuracy gate stays fp32)'),
+         arg('--calibration', help='int8: your images (a folder, a .jsonl/.csv of paths) or image-text pairs (an '
+                                   'official-format dir, a .jsonl/.csv with image and text columns)'),
+         arg('--calibration-split', default='valid', help='split of official-format calibration data (default valid)'),
+         arg('--calibration-texts', help='int8: texts (.txt, one a line; or .jsonl/.csv) when --calibration has none'),
+         arg('--calibration-size', type=_positive_int, default=300,
+             help='calibration inputs per modality (default 300)'),
+         arg('--min-cosine', type=float, default=0.99,
+             help='int8 gate: mean cosine to fp32 at least this (default 0.99)'),
+         arg('--max-r1-drop', type=_non_negative_float, default=1.0,
+             help='int8 gate: R@1 at most this many points below fp32, each direction (default 1)'),
+         arg('--max-batch', type=_positive_int, default=256, help='tensorrt: largest batch of the engine profile'),
+         arg('--opset', type=_positive_int, default=17, help='ONNX opset (default 17)'), CONFIG,
+         arg('--overwrite', action='store_true', help='replace a non-empty output dir'))
+def _export(args: argparse.Namespace) -> int:
+    from modelscope_cnclip.deploy import Int8Gate, export
+    if (args.out is None) == (args.out_option is None):
+        raise ValueError('give the output directory once: cnclip export MODEL OUT, or --out OUT')
+    report = export(args.model, args.out or args.out_option, format=args.format, precision=args.precision,
+                    calibration=args.calibration, calibration_split=args.calibration_split,
+                    calibration_texts=args.calibration_texts, calibration_size=args.calibration_size,
+                    gate=Int8Gate(args.min_cosine, args.max_r1_drop), max_batch=args.max_batch, opset=args.opset,
+                    overwrite=args.overwrite, config=args.config)
+    print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
     return 0
 
 
@@ -276,7 +321,7 @@ def _embed(args: argparse.Namespace) -> int:
         args.model, args.input, args.out, modality=args.modality, split=args.split, columns=columns, root=args.root,
         settings=settings, engine=args.engine, ray=ray, overwrite=args.overwrite,
         progress=False if args.no_progress else None, device=args.device, precision=args.precision,
-        fast_decode=args.fast_decode)
+        fast_decode=args.fast_decode, backend=args.backend)
     print(json.dumps(report.to_dict(), ensure_ascii=False))
     return 0
 
@@ -328,12 +373,14 @@ def _index_info(args: argparse.Namespace) -> int:
          arg('--json', action='store_true', help='one JSON object per hit: {"id", "path", "score"}'),
          arg('--text', action='store_true', help='treat the query as text even if it names a file'),
          arg('--image', action='store_true', help='treat the query as an image'),
-         arg('--model', help='model to embed the query with (default: the one the index records)'), DEVICE, PRECISION)
+         arg('--model', help='model to embed the query with (default: the one the index records); its export too'),
+         DEVICE, PRECISION, BACKEND)
 def _search(args: argparse.Namespace) -> int:
     from modelscope_cnclip.index import Searcher
     if args.text and args.image:
         raise ValueError('--text and --image exclude each other: give one, or neither to guess from the query')
-    searcher = Searcher.open(args.index, model=args.model, device=args.device, precision=args.precision)
+    searcher = Searcher.open(args.index, model=args.model, device=args.device, precision=args.precision,
+                             backend=args.backend)
     hits = searcher.search(args.query, k=args.top_k, kind='text' if args.text else 'image' if args.image else None)
     if args.json:
         for hit in hits:

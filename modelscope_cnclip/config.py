@@ -17,7 +17,8 @@ from typing import Any, Literal, Mapping, get_args
 
 __all__ = ['CLIPConfig', 'TextConfig', 'VisionConfig', 'PreprocessConfig', 'available_models', 'get_config',
            'match_architecture', 'config_from_hub', 'config_to_hub', 'OPENAI_MEAN', 'OPENAI_STD',
-           'Precision', 'PRECISION_NAMES', 'Layout', 'LAYOUTS', 'Modality', 'MODALITIES', 'Engine',
+           'Precision', 'PRECISION_NAMES', 'Backend', 'BACKENDS', 'ExportFormat', 'EXPORT_FORMATS',
+           'ExportPrecision', 'EXPORT_PRECISIONS', 'Layout', 'LAYOUTS', 'Modality', 'MODALITIES', 'Engine',
            'ENGINES', 'SamplingMode', 'SAMPLING_MODES', 'Direction', 'DIRECTIONS', 'DEFAULT_BATCH',
            'DEFAULT_SHARD_SIZE', 'DEFAULT_NUM_FRAMES', 'DEFAULT_SCHEDULE_TIMEOUT', 'natural_key']
 
@@ -29,6 +30,15 @@ RESOURCES = Path(__file__).with_name('resources')
 #: Numeric precisions a model runs in: fp32 (exact), bf16 (fast on AVX512-BF16/AMX CPUs and GPUs), fp16 (GPUs).
 Precision = Literal['fp32', 'bf16', 'fp16']
 PRECISION_NAMES: tuple[str, ...] = get_args(Precision)
+#: What runs a model: torch (checkpoints), or a runtime for an exported dir.
+Backend = Literal['torch', 'onnxruntime', 'openvino', 'tensorrt']
+BACKENDS: tuple[str, ...] = get_args(Backend)
+#: What ``export`` writes: ONNX graphs, OpenVINO IR, TensorRT engines.
+ExportFormat = Literal['onnx', 'openvino', 'tensorrt']
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+#: What an exported tower computes in.
+ExportPrecision = Literal['fp32', 'fp16', 'int8']
+EXPORT_PRECISIONS: tuple[str, ...] = get_args(ExportPrecision)
 #: Model dir layouts ``convert`` writes: this plugin's, ModelScope's hub layout, transformers' ChineseCLIPModel.
 Layout = Literal['plugin', 'hub', 'hf']
 LAYOUTS: tuple[str, ...] = get_args(Layout)

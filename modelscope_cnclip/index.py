@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from modelscope_cnclip.config import Precision
+from modelscope_cnclip.config import Backend, Precision
 from modelscope_cnclip.embeddings import Embeddings, load_embeddings, read_format_json
 from modelscope_cnclip.utils import atomic_dir, atomic_write_bytes
 
@@ -715,14 +715,16 @@ class Searcher:
 
     @classmethod
     def open(cls, index_path: str | os.PathLike, model: 'CNClip | str | os.PathLike | None' = None, *,
-             device: str = 'cpu', precision: Precision = 'fp32') -> 'Searcher':
+             device: str = 'cpu', precision: Precision | None = None, backend: Backend | None = None
+             ) -> 'Searcher':
         """Load an index dir and the model to embed queries with.
 
         Args:
             index_path: an index dir (``cnclip index build``).
             model: ``None`` loads the model the index records; a :class:`~modelscope_cnclip.CNClip` or a source
                 to load must be that same model (same fingerprint), e.g. the same weights moved elsewhere.
-            device, precision: for loading the model (see :func:`modelscope_cnclip.load`).
+            device, precision, backend: for loading the model (see :func:`modelscope_cnclip.load`); e.g. an index
+                built with the torch model is searched with its ONNX export (the same fingerprint).
         """
         from modelscope_cnclip.inference import CNClip, load
         index = Index.load(index_path)
@@ -732,13 +734,13 @@ class Searcher:
                 raise ValueError(f'{index_path}: the index records no model; pass the model that made its '
                                  f'embeddings (model= / --model)')
             try:
-                model = load(source, device=device, precision=precision)
+                model = load(source, device=device, precision=precision, backend=backend)
             except (OSError, ValueError) as e:
                 error = OSError if isinstance(e, OSError) else ValueError
                 raise error(f'{index_path}: cannot load the model the index was built with ({source}): {e}; pass '
                             f'its current location with model= / --model') from None
         elif not isinstance(model, CNClip):
-            model = load(model, device=device, precision=precision)
+            model = load(model, device=device, precision=precision, backend=backend)
         return cls(index, model)
 
     def embed(self, query: Any, kind: str | None = None) -> np.ndarray:

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from modelscope_cnclip.checkpoints.convert import load_strict
 from modelscope_cnclip.checkpoints.layouts import Checkpoint, read_source
-from modelscope_cnclip.config import DEFAULT_BATCH, CLIPConfig, Precision, match_architecture
+from modelscope_cnclip.config import BACKENDS, DEFAULT_BATCH, Backend, CLIPConfig, Precision, match_architecture
 from modelscope_cnclip.model import CLIP
+from modelscope_cnclip.runtime import ExportedCLIP, is_export_dir
 from modelscope_cnclip.tokenizer import Tokenizer, check_texts
 from modelscope_cnclip.transform import ImageInput, ImageTransform, as_image_batch
 
@@ -111,7 +112,7 @@ def check_token_ids(ids: torch.Tensor, config: CLIPConfig, tokenizer: Tokenizer 
 
 
 @torch.inference_mode()
-def encode_images(model: CLIP, transform: ImageTransform, images: Sequence[ImageInput] | torch.Tensor, *,
+def encode_images(model: CLIP | ExportedCLIP, transform: ImageTransform, images: Sequence[ImageInput] | torch.Tensor, *,
                   batch_size: int = DEFAULT_BATCH, normalize: bool = True, num_threads: int = 0) -> torch.Tensor:
     """Embed images (inputs or an ``(N, 3, R, R)`` float pixel tensor) -> ``(N, D)`` float32 on the model's device.
 
@@ -124,7 +125,7 @@ def encode_images(model: CLIP, transform: ImageTransform, images: Sequence[Image
         (see :meth:`ImageTransform.check_pixels`).
     """
     _check_batch_size(batch_size)
-    device = model.text_projection.device
+    device = model.device
     if isinstance(images, torch.Tensor):
         transform.check_pixels(images)
         batches = (images[s] for s in _chunks(len(images), batch_size))
@@ -136,14 +137,14 @@ def encode_images(model: CLIP, transform: ImageTransform, images: Sequence[Image
 
 
 @torch.inference_mode()
-def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: str | Sequence[str] | torch.Tensor, *,
+def encode_texts(model: CLIP | ExportedCLIP, tokenizer: Tokenizer, texts: str | Sequence[str] | torch.Tensor, *,
                  batch_size: int = DEFAULT_BATCH, normalize: bool = True) -> torch.Tensor:
     """Embed texts (str, list of str, or ``(N, L)`` token ids) -> ``(N, D)`` float32 on the model's device.
 
     Raw texts are sorted by length into batches, each padded only to its own longest text.
     """
     _check_batch_size(batch_size)
-    device = model.text_projection.device
+    device = model.device
     if isinstance(texts, torch.Tensor):
         texts = check_token_ids(texts, model.config, tokenizer)
         outs = [model.encode_text(texts[s].to(device)).float() for s in _chunks(len(texts), batch_size)]
@@ -161,32 +162,48 @@ def encode_texts(model: CLIP, tokenizer: Tokenizer, texts: str | Sequence[str] |
     return F.normalize(feats, dim=-1) if normalize else feats
 
 
+def _place(model: CLIP, device: torch.device, precision: str) -> None:
+    """Move ``model`` to ``device`` and cast it to ``precision`` in place."""
+    dtype = resolve_dtype(precision, device)
+    # Half-precision BatchNorm'd convolutions drift (cosine < 0.999) and gain little on CPUs: there a ResNet
+    # image tower stays fp32 while the text tower runs in the requested precision.
+    keep_visual = dtype != torch.float32 and model.config.vision.is_resnet and device.type == 'cpu'
+    model.to(device=device)
+    for name, child in model.named_children():
+        if not (keep_visual and name == 'visual'):
+            child.to(dtype)
+    for param in model.parameters(recurse=False):
+        param.data = param.data.to(dtype)
+    if keep_visual:
+        logger.info('ResNet image tower kept in fp32 on the CPU; the text tower runs in %s', precision)
+
+
+def _local_or_id(source: str) -> str:
+    return str(Path(source).resolve()) if source and Path(source).exists() else source
+
+
 class CNClip:
     """A loaded Chinese CLIP model with its preprocessing, ready to embed (plain Python, no ModelScope).
 
-    Use :func:`load` to make one. ``temperature`` equals ``1 / logit_scale.exp()``; :meth:`similarity` gives the
-    cosine similarities ``img @ text.T`` and :meth:`probabilities` the softmax over texts of
-    ``(img / temperature) @ text.T``.
+    Use :func:`load` to make one. ``model`` is the torch :class:`~modelscope_cnclip.model.CLIP`, or an
+    :class:`~modelscope_cnclip.runtime.ExportedCLIP` when an exported dir was loaded (ONNX Runtime, OpenVINO,
+    TensorRT); the methods, input handling and errors are the same. ``temperature`` equals ``1 / logit_scale.exp()``;
+    :meth:`similarity` gives the cosine similarities ``img @ text.T`` and :meth:`probabilities` the softmax over
+    texts of ``(img / temperature) @ text.T``.
     """
 
-    def __init__(self, model: CLIP, tokenizer: Tokenizer, transform: ImageTransform, checkpoint_info: str = '',
-                 device: str | torch.device | None = 'cpu', precision: str = 'fp32', source: str = '') -> None:
-        target = resolve_device(device)
-        self.fingerprint = model.fingerprint()  # before any cast: the same at every precision
+    def __init__(self, model: CLIP | ExportedCLIP, tokenizer: Tokenizer, transform: ImageTransform,
+                 checkpoint_info: str = '', device: str | torch.device | None = 'cpu', precision: str | None = None,
+                 source: str = '') -> None:
+        self.fingerprint = model.fingerprint()  # before any cast: the same at every precision and backend
         self.source = source  # what it was loaded from (path or hub id); indexes use it to reload the model
-        self.precision = precision
-        dtype = resolve_dtype(precision, target)
-        # Half-precision BatchNorm'd convolutions drift (cosine < 0.999) and gain little on CPUs: there a ResNet
-        # image tower stays fp32 while the text tower runs in the requested precision.
-        keep_visual = dtype != torch.float32 and model.config.vision.is_resnet and target.type == 'cpu'
-        model.to(device=target)
-        for name, child in model.named_children():
-            if not (keep_visual and name == 'visual'):
-                child.to(dtype)
-        for param in model.parameters(recurse=False):
-            param.data = param.data.to(dtype)
-        if keep_visual:
-            logger.info('ResNet image tower kept in fp32 on the CPU; the text tower runs in %s', precision)
+        if isinstance(model, ExportedCLIP):
+            self.backend: str = model.backend
+            self.precision = model.precision
+        else:
+            self.backend = 'torch'
+            self.precision = precision or 'fp32'
+            _place(model, resolve_device(device), self.precision)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.transform = transform
@@ -194,15 +211,30 @@ class CNClip:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, *, device: str | torch.device | None = 'cpu',
-                        precision: Precision = 'fp32', fast_decode: bool = False) -> 'CNClip':
+                        precision: Precision | None = None, fast_decode: bool = False) -> 'CNClip':
         """Build from a read checkpoint. The model adopts its tensors (no copy) and ``ckpt.state_dict`` is
         emptied, so a cast to bf16/fp16 frees each fp32 tensor as it goes (peak memory ~ one model)."""
         model = build_model(ckpt)
         ckpt.state_dict = {}
-        source = str(Path(ckpt.source).resolve()) if ckpt.source and Path(ckpt.source).exists() else ckpt.source
         return cls(model, Tokenizer(ckpt.vocab_file, ckpt.config.context_length),
                    ImageTransform(ckpt.config.preprocess, fast_decode),
-                   f'{ckpt.name} from {ckpt.source} ({ckpt.layout})', device, precision, source)
+                   f'{ckpt.name} from {ckpt.source} ({ckpt.layout})', device, precision, _local_or_id(ckpt.source))
+
+    @classmethod
+    def from_export(cls, export_dir: str | os.PathLike, *, backend: Backend | None = None,
+                    device: str | torch.device | None = 'cpu', precision: str | None = None,
+                    fast_decode: bool = False) -> 'CNClip':
+        """Run an exported dir (:func:`modelscope_cnclip.deploy.export`) on ``backend`` (default: its format's own
+        runtime: ONNX Runtime for ONNX, OpenVINO for OpenVINO IR, TensorRT for engines).
+
+        Raises:
+            ValueError: a backend or precision the export cannot run with (the message lists those it can).
+            ImportError: the runtime is not installed (the message names the extra).
+        """
+        model = ExportedCLIP(export_dir, backend=backend, device=resolve_device(device), precision=precision)
+        cfg = model.config
+        return cls(model, Tokenizer(model.dir / 'vocab.txt', cfg.context_length),
+                   ImageTransform(cfg.preprocess, fast_decode), model.describe(), source=_local_or_id(str(model.dir)))
 
     @property
     def config(self) -> CLIPConfig:
@@ -210,18 +242,29 @@ class CNClip:
 
     @property
     def device(self) -> torch.device:
-        return self.model.text_projection.device
+        """Where the embeddings are returned (an exported model on ONNX Runtime or OpenVINO returns them on the
+        CPU, whichever device runs it)."""
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.text_projection.dtype
+        return self.model.dtype
+
+    @property
+    def num_params(self) -> dict[str, int]:
+        """``{"total", "visual", "text"}`` parameter counts (an exported model's, of the model it was exported
+        from)."""
+        return self.model.num_params
 
     def info(self) -> dict[str, Any]:
-        """``{"source", "fingerprint", "arch", "embed_dim", "precision"}``: what embeddings dirs and indexes record
-        to reload this model and to recognise it."""
-        return {'source': self.source, 'fingerprint': self.fingerprint,
+        """``{"source", "fingerprint", "arch", "embed_dim", "precision"}`` (and ``"backend"`` for an exported model):
+        what embeddings dirs and indexes record to reload this model and to recognise it."""
+        info = {'source': self.source, 'fingerprint': self.fingerprint,
                 'arch': match_architecture(self.config) or 'custom', 'embed_dim': self.config.embed_dim,
                 'precision': self.precision}
+        if self.backend != 'torch':
+            info['backend'] = self.backend
+        return info
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -312,20 +355,45 @@ class CNClip:
         return self.encode_image(images, batch_size=batch_size), self.encode_text(texts, batch_size=batch_size)
 
 
-def load(source: str | os.PathLike, *, device: str | torch.device | None = 'cpu', precision: Precision = 'fp32',
-         config: CLIPConfig | str | os.PathLike | None = None, fast_decode: bool = False) -> CNClip:
+def load(source: str | os.PathLike, *, device: str | torch.device | None = 'cpu', precision: str | None = None,
+         config: CLIPConfig | str | os.PathLike | None = None, fast_decode: bool = False,
+         backend: Backend | None = None) -> CNClip:
     """Load any checkpoint (model dir of any layout, weights file, ModelScope hub id, or an architecture name for its
-    published weights) ready to embed.
+    published weights) or an exported dir, ready to embed.
 
     Args:
         source: see :func:`modelscope_cnclip.read_source`; ``'ViT-B-16'`` (any name of
             :func:`~modelscope_cnclip.config.available_models`) downloads the weights that
-            :func:`~modelscope_cnclip.pretrained.list_pretrained` names, unless a local path has that name.
+            :func:`~modelscope_cnclip.pretrained.list_pretrained` names, unless a local path has that name. A dir
+            written by ``cnclip export`` (:func:`modelscope_cnclip.deploy.export`) runs on its runtime.
         device: ``'cpu'``, ``'gpu'``, ``'cuda:1'``, ... (a GPU request without CUDA falls back to the CPU).
-        precision: ``'fp32'`` (exact), ``'bf16'`` (fast on CPUs with AVX512-BF16/AMX and on GPUs) or ``'fp16'``
-            (GPU only).
-        config: override the architecture (a name such as ``'ViT-B-16'``, a :class:`CLIPConfig` or a JSON path).
+        precision: ``'fp32'`` (exact; the default for checkpoints), ``'bf16'`` (fast on CPUs with AVX512-BF16/AMX
+            and on GPUs) or ``'fp16'`` (GPU only). For an exported dir, the precision it was exported in (the
+            default), or ``'bf16'`` for an fp32/int8 export on OpenVINO.
+        config: override the architecture (a name such as ``'ViT-B-16'``, a :class:`CLIPConfig` or a JSON path);
+            not for exported dirs, which carry theirs.
         fast_decode: decode JPEGs at reduced size before resizing (faster on photos; slightly different pixels).
+        backend: ``'torch'`` (checkpoints), ``'onnxruntime'``, ``'openvino'`` or ``'tensorrt'`` (exported dirs);
+            default: torch for checkpoints, the export's own runtime for exported dirs.
+
+    Raises:
+        ValueError: a backend that cannot run ``source`` (checkpoints run on torch; export them first with
+            ``cnclip export``), or a precision the source cannot run in.
     """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f'backend={backend!r}: choose one of {list(BACKENDS)}')
+    if is_export_dir(source):
+        if config is not None:
+            raise ValueError(f'config={config!r}: {source} is an exported model, whose architecture is fixed in its '
+                             f'graphs; drop config')
+        if backend == 'torch':
+            raise ValueError(f"backend='torch': {source} is an exported model (graphs, no torch weights); run it "
+                             f"with backend='onnxruntime' or 'openvino', or load the checkpoint it was exported from")
+        return CNClip.from_export(source, backend=backend, device=device, precision=precision,
+                                  fast_decode=fast_decode)
+    if backend not in (None, 'torch'):
+        raise ValueError(f'backend={backend!r} runs exported models, and {source} is a checkpoint: export it first '
+                         f'(cnclip export {source} --out DIR --format '
+                         f'{"onnx" if backend == "onnxruntime" else backend}) and load DIR, or use backend="torch"')
     return CNClip.from_checkpoint(read_source(source, config), device=device, precision=precision,
                                   fast_decode=fast_decode)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections import OrderedDict
 
 import torch
@@ -44,6 +45,14 @@ def _mlp_inference(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         h.mul_(torch.sigmoid(h * 1.702))
         out[start:start + MLP_CHUNK_ROWS] = F.linear(h, proj.weight, proj.bias)
     return out.view(*x.shape[:-1], proj.out_features)
+
+
+def _tracing() -> bool:
+    """Whether a graph is being traced (TorchScript, or an ONNX export; ``torch.onnx`` imported only if in use)."""
+    if torch.jit.is_tracing():
+        return True
+    onnx = sys.modules.get('torch.onnx')
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 class SelfAttention(nn.Module):
@@ -85,7 +94,8 @@ class ResidualBlock(nn.Module):
         """(B, L, W) -> (B, L, W), or (B, 1, W) for the first (class) token alone when ``first_only``."""
         x = (x[:, :1] if first_only else x) + self.attn(self.ln_1(x), first_only=first_only)
         y = self.ln_2(x)
-        if torch.is_grad_enabled() and (self.training or y.requires_grad):
+        # The row-chunked path loops over a data-dependent count: a graph trace (ONNX export) must not bake it in.
+        if (torch.is_grad_enabled() and (self.training or y.requires_grad)) or _tracing():
             return x + self.mlp(y)
         return x + _mlp_inference(self.mlp, y)
 
@@ -278,6 +288,18 @@ class CLIP(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.text_projection.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_projection.device
+
+    @property
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts: ``{"total", "visual", "text"}`` (the text tower with its projection)."""
+        total = sum(p.numel() for p in self.parameters())
+        visual = sum(p.numel() for p in self.visual.parameters())
+        text = sum(p.numel() for p in self.bert.parameters()) + self.text_projection.numel()
+        return {'total': total, 'visual': visual, 'text': text}
 
     def encode_image(self, pixel_values: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
         """``(B, 3, R, R)`` normalised pixels -> ``(B, D)`` image features."""

@@ -7,8 +7,17 @@ import argparse
 import pytest
 
 from modelscope_cnclip import __version__
-from modelscope_cnclip.cli import COMMANDS, CONFIG, DEVICE, MODEL, PRECISION, build_parser, main
-from modelscope_cnclip.config import ENGINES, LAYOUTS, MODALITIES, PRECISION_NAMES, SAMPLING_MODES
+from modelscope_cnclip.cli import BACKEND, COMMANDS, CONFIG, DEVICE, MODEL, PRECISION, build_parser, main
+from modelscope_cnclip.config import (
+    BACKENDS,
+    ENGINES,
+    EXPORT_FORMATS,
+    EXPORT_PRECISIONS,
+    LAYOUTS,
+    MODALITIES,
+    PRECISION_NAMES,
+    SAMPLING_MODES,
+)
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -34,10 +43,13 @@ def test_model_loading_options_are_one_declaration():
     loads = [c for c in COMMANDS.values() if MODEL in c.args and PRECISION in c.args]
     assert {c.name for c in loads} >= {'similarity', 'eval', 'zeroshot', 'embed'}
     for c in loads:
-        assert DEVICE in c.args and CONFIG in c.args, c.name
+        assert DEVICE in c.args and CONFIG in c.args and BACKEND in c.args, c.name
     for name, p in subparsers(build_parser()).items():
         if '--precision' in options(p):
-            assert tuple(options(p)['--precision'].choices) == PRECISION_NAMES, name
+            expected = EXPORT_PRECISIONS if name == 'export' else PRECISION_NAMES
+            assert tuple(options(p)['--precision'].choices) == expected, name
+        if '--backend' in options(p):
+            assert tuple(options(p)['--backend'].choices) == BACKENDS, name
 
 
 def test_choices_come_from_the_library():
@@ -47,12 +59,13 @@ def test_choices_come_from_the_library():
     assert tuple(embed['--engine'].choices) == ENGINES
     assert tuple(embed['--sampling-mode'].choices) == SAMPLING_MODES
     assert tuple(options(subs['convert'])['--to'].choices) == LAYOUTS
+    assert tuple(options(subs['export'])['--format'].choices) == EXPORT_FORMATS
 
 
 def test_outputs_are_named_out():
     for name, p in subparsers(build_parser()).items():
         assert not [o for o in options(p) if o.endswith('-dir')], name
-    for name in ('convert', 'eval', 'zeroshot', 'embed', 'index build', 'train'):
+    for name in ('convert', 'eval', 'zeroshot', 'embed', 'index build', 'train', 'export'):
         assert '--out' in options(subparsers(build_parser())[name]), name
 
 

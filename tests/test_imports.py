@@ -16,18 +16,21 @@ import modelscope_cnclip
 from helpers import REPO
 
 PKG = Path(modelscope_cnclip.__file__).parent
-HEAVY = ('torch', 'transformers', 'modelscope', 'PIL', 'numpy', 'faiss', 'ray', 'decord', 'av')
+HEAVY = ('torch', 'transformers', 'modelscope', 'PIL', 'numpy', 'faiss', 'ray', 'decord', 'av', 'onnx', 'onnxruntime',
+         'openvino', 'nncf', 'tensorrt')
+EXTRAS = {'faiss', 'ray', 'decord', 'av', 'onnx', 'onnxruntime', 'openvino', 'nncf', 'tensorrt'}
 
 # Bottom to top; a module may import its own layer and the layers below, never one above.
 LAYERS = [
     {'config', 'pretrained', 'utils'},
-    {'model', 'tokenizer', 'transform'},
+    {'model', 'tokenizer', 'transform', 'runtime'},
     {'checkpoints'},
     {'inference'},
     {'data', 'video', 'embeddings'},
     {'jobs'},
     {'index'},
     {'evaluation'},
+    {'deploy'},
     {'train'},
     {'ms'},
     {'cli', '__main__'},
@@ -69,9 +72,10 @@ def _library_modules() -> list[str]:
 
 def test_no_library_module_imports_modelscope():
     modules = _library_modules()
-    assert 'modelscope_cnclip.jobs.ray_engine' in modules and 'modelscope_cnclip.evaluation.zeroshot' in modules
+    assert {'modelscope_cnclip.jobs.ray_engine', 'modelscope_cnclip.deploy.export',
+            'modelscope_cnclip.runtime.tensorrt'} <= set(modules)
     got = imported_after('import importlib\n' + '\n'.join(f'importlib.import_module({m!r})' for m in modules))
-    assert 'modelscope' not in got and not {'faiss', 'ray', 'decord', 'av'} & got  # extras load on first use
+    assert 'modelscope' not in got and not EXTRAS & got  # extras load on first use
 
 
 @pytest.mark.parametrize('first', ['plugin', 'modelscope'])

@@ -50,6 +50,7 @@ from modelscope_cnclip.config import (
 )
 from modelscope_cnclip.model import CLIP
 from modelscope_cnclip.pretrained import get_pretrained
+from modelscope_cnclip.runtime import MANIFEST, is_export_dir, read_manifest
 from modelscope_cnclip.tokenizer import DEFAULT_VOCAB
 from modelscope_cnclip.utils import atomic_dir
 
@@ -149,6 +150,8 @@ def read_config(source: str | os.PathLike | None) -> tuple[CLIPConfig | None, Pa
     d = Path(source) if source is not None else None
     if d is None or not d.is_dir():
         return None, DEFAULT_VOCAB
+    if is_export_dir(d):
+        return read_manifest(d).config, d / 'vocab.txt'
     return _declared_config(d, _dir_layout(d))[0], _vocab_in(d)
 
 
@@ -199,6 +202,16 @@ def _read_dir(d: Path, config: CLIPConfig | None) -> Checkpoint:
     return Checkpoint(sd, config or declared, vocab, ckpt_layout, str(d), () if config else guessed)
 
 
+def _export_dir_message(d: Path) -> str:
+    try:
+        source = json.loads((d / MANIFEST).read_text(encoding='utf-8')).get('source') or 'its checkpoint'
+    except (OSError, ValueError, AttributeError):
+        source = 'its checkpoint'
+    return (f'{d} is an exported model (graphs for a runtime, not torch weights): embed with it through '
+            f'modelscope_cnclip.load({str(d)!r}) or the pipeline; to convert, finetune or export again, start from '
+            f'the checkpoint it was exported from ({source})')
+
+
 def _looks_like_hub_id(source: str) -> bool:
     parts = source.split('/')
     return len(parts) == 2 and all(parts) and not source.startswith(('.', '/', '~')) and '\\' not in source
@@ -232,6 +245,8 @@ def read_source(source: str | os.PathLike, config: CLIPConfig | str | os.PathLik
     cfg = _resolve_config(config)
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():
+        if is_export_dir(path):
+            raise ValueError(_export_dir_message(path))
         return _read_dir(path, cfg)
     if path.is_file():
         sd, detected = to_official(read_checkpoint(path))

@@ -89,13 +89,14 @@ class ShardWorker:
 
     def __init__(self, source: str, fingerprint: str, device: str, precision: str, fast_decode: bool,
                  coll: Collection, out: str, settings: ShardSettings, batch_size: int,
-                 max_image_pixels: int | None = None) -> None:
+                 max_image_pixels: int | None = None, backend: str = 'torch') -> None:
         self.coll, self.out, self.settings, self.batch_size = coll, Path(out), settings, [batch_size]
         # a worker's share of the node: OMP_NUM_THREADS as Ray sets it from the actor's CPUs
         self.threads = settings.num_threads or default_threads(int(os.environ.get('OMP_NUM_THREADS', '0')) or 8)
         self.load_error: tuple[str, bytes] | None = None
         try:
-            self.model = _load_on_worker(source, fingerprint, device, precision, fast_decode, max_image_pixels)
+            self.model = _load_on_worker(source, fingerprint, device, precision, fast_decode, max_image_pixels,
+                                         backend)
         except Exception as e:  # re-raised on the driver with the first shard (see the class docstring)
             self.load_error = _pack(e)
 
@@ -123,7 +124,7 @@ class ShardWorker:
 
 
 def _load_on_worker(source: str, fingerprint: str, device: str, precision: str, fast_decode: bool,
-                    max_pixels: int | None) -> CNClip:
+                    max_pixels: int | None, backend: str = 'torch') -> CNClip:
     """Load the driver's model on a worker and check it is the same one."""
     from modelscope_cnclip.inference import load
     from modelscope_cnclip.transform import set_max_image_pixels
@@ -132,7 +133,7 @@ def _load_on_worker(source: str, fingerprint: str, device: str, precision: str, 
         raise ValueError(f'gpus_per_worker > 0, but the Ray worker on {socket.gethostname()} sees no CUDA device '
                          f'(torch.cuda.is_available() is False): install a CUDA build of torch on the GPU nodes, or '
                          f'drop --gpus-per-worker to run on CPUs')
-    model = load(source, device=device, precision=precision, fast_decode=fast_decode)
+    model = load(source, device=device, precision=precision, fast_decode=fast_decode, backend=backend)
     if model.fingerprint != fingerprint:
         raise ValueError(f'the model at {source!r} on the Ray worker on {socket.gethostname()} differs from the '
                          f'driver\'s (fingerprint {model.fingerprint} vs {fingerprint}); give every node the same '
@@ -348,6 +349,7 @@ def run_ray(model: CNClip, coll: Collection, out: Path, todo: list[int], setting
     _ensure_schedulable(ray, own, address, request, nodes, options.schedule_timeout)
     device = 'cuda' if gpus_per_worker else 'cpu'
     kwargs = dict(source=model.source, fingerprint=model.fingerprint, device=device, precision=model.precision,
+                  backend=model.backend,
                   fast_decode=model.transform.fast_decode, coll=coll, out=str(out.resolve()), settings=settings,
                   batch_size=batch_size, max_image_pixels=max_image_pixels())
     logger.info('Ray: %d shards over %d workers (%s, %s each; %s)', len(todo), workers, device, request.bundle(),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import modelscope_cnclip.jobs.ray_engine as ray_engine
-from modelscope_cnclip.config import ENGINES, Engine, Modality, Precision
+from modelscope_cnclip.config import ENGINES, Backend, Engine, Modality, Precision
 from modelscope_cnclip.embeddings import (
     ERRORS,
     META,
@@ -99,6 +99,8 @@ def _vector_options(model: CNClip, modality: str, sampling: FrameSampling) -> di
     """Every option besides the model and the inputs that changes the vectors: recorded in ``meta.json`` and
     compared when a job is rerun, so a resumed job is never a mix."""
     options: dict[str, Any] = {'precision': model.precision}
+    if model.backend != 'torch':  # (torch jobs of earlier versions recorded no backend)
+        options['backend'] = model.backend
     if modality == 'image':
         options['fast_decode'] = model.transform.fast_decode
     if modality == 'video':
@@ -150,12 +152,13 @@ def embed_collection(model: CNClip | str | os.PathLike, inputs: str | os.PathLik
                      columns: Mapping[str, str] | None = None, root: str | os.PathLike | None = None,
                      settings: ShardSettings = DEFAULT_SETTINGS, engine: Engine = 'local',
                      ray: RayOptions = DEFAULT_RAY, overwrite: bool = False, progress: bool | None = None,
-                     device: str = 'cpu', precision: Precision = 'fp32', fast_decode: bool = False) -> EmbedReport:
+                     device: str = 'cpu', precision: Precision | None = None, fast_decode: bool = False,
+                     backend: Backend | None = None) -> EmbedReport:
     """Embed a whole collection into the embeddings dir ``out``, resuming an interrupted run of the same job.
 
     Args:
-        model: a loaded :class:`CNClip` or anything :func:`modelscope_cnclip.load` takes (loaded with ``device``,
-            ``precision``, ``fast_decode``).
+        model: a loaded :class:`CNClip` or anything :func:`modelscope_cnclip.load` takes, an exported dir too
+            (loaded with ``device``, ``precision``, ``fast_decode``, ``backend``).
         inputs: anything :func:`~modelscope_cnclip.jobs.collection.open_collection` opens (with ``modality``,
             ``split``, ``columns``, ``root``), or an opened :class:`Collection`.
         settings: shard size, batch size, decoding threads and the frame sampling of videos
@@ -178,7 +181,7 @@ def embed_collection(model: CNClip | str | os.PathLike, inputs: str | os.PathLik
     coll = inputs if isinstance(inputs, Collection) else \
         open_collection(inputs, modality, split=split, columns=columns, root=root)
     if not isinstance(model, CNClip):
-        model = load(model, device=device, precision=precision, fast_decode=fast_decode)
+        model = load(model, device=device, precision=precision, fast_decode=fast_decode, backend=backend)
     out = Path(out)
     num_shards = -(-len(coll) // settings.shard_size)
     meta = {'model': model.info(), 'modality': coll.modality,

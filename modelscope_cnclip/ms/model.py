@@ -12,8 +12,9 @@ from modelscope.utils.constant import Tasks
 
 from modelscope_cnclip.checkpoints.layouts import LAYOUTS, Checkpoint, default_configuration, read_source, write_dir
 from modelscope_cnclip.config import CLIPConfig
-from modelscope_cnclip.inference import CNClip
+from modelscope_cnclip.inference import CNClip, load
 from modelscope_cnclip.ms import MODEL_TYPE, PIPELINE_TYPE, PREPROCESSOR_TYPE
+from modelscope_cnclip.runtime import is_export_dir
 from modelscope_cnclip.video import pool_frames
 
 RAW_KEYS = ('img', 'text', 'video')
@@ -51,38 +52,50 @@ class CNClipForMultiModalEmbedding(TorchModel):
 
     Args:
         model_dir: any source :func:`modelscope_cnclip.read_source` reads (model dir of any layout, weights file,
-            hub id). ``Model.from_pretrained`` passes the plugin dir here.
+            hub id), or an exported dir (``cnclip export``; embeds only: ``clip`` is ``None``, nothing to train or
+            save). ``Model.from_pretrained`` passes the plugin dir here.
         device: ``'cpu'``, ``'gpu'``, ``'cuda:1'``, ...; ModelScope passes ``'cuda'`` by default (falls back to CPU).
-        precision: ``'fp32'`` (exact), ``'bf16'`` (fast) or ``'fp16'`` (GPU).
+        precision: ``'fp32'`` (exact), ``'bf16'`` (fast) or ``'fp16'`` (GPU); an exported dir's own by default.
+        backend: for an exported dir, ``'onnxruntime'``, ``'openvino'`` or ``'tensorrt'`` (default: its own).
         config: override the architecture (name, :class:`CLIPConfig` or JSON path).
         checkpoint: an already-read :class:`Checkpoint` instead of ``model_dir``.
         fast_decode: decode JPEGs at reduced size before the resize (faster on photos, slightly inexact).
     """
 
-    def __init__(self, model_dir: str | None = None, device: str | None = None, precision: str = 'fp32',
+    def __init__(self, model_dir: str | None = None, device: str | None = None, precision: str | None = None,
                  config: CLIPConfig | str | None = None, checkpoint: Checkpoint | None = None,
-                 revision: str | None = None, fast_decode: bool = False, **kwargs: Any) -> None:
-        if checkpoint is None:
-            if model_dir is None:
-                raise ValueError('CNClipForMultiModalEmbedding needs model_dir (a model dir, weights file or hub id) '
-                                 'or checkpoint')
-            checkpoint = read_source(model_dir, config, revision=revision)
-        super().__init__(model_dir=str(model_dir or checkpoint.source), device=str(device or 'cpu'))
-        self.core = CNClip.from_checkpoint(checkpoint, device=device, precision=precision, fast_decode=fast_decode)
-        self.clip = self.core.model  # registered as the submodule that trainers and .to() see
+                 revision: str | None = None, fast_decode: bool = False, backend: str | None = None,
+                 **kwargs: Any) -> None:
+        if checkpoint is None and model_dir is not None and is_export_dir(model_dir):
+            super().__init__(model_dir=str(model_dir), device=str(device or 'cpu'))
+            self.core = load(model_dir, device=device, precision=precision, config=config, fast_decode=fast_decode,
+                             backend=backend)
+            self.clip = None  # graphs on a runtime: nothing to train or save
+            self.arch, self.source_layout = self.core.model.manifest.arch, 'export'
+            self.vocab_file, self.guessed = self.core.model.dir / 'vocab.txt', ()
+        else:
+            if checkpoint is None:
+                if model_dir is None:
+                    raise ValueError('CNClipForMultiModalEmbedding needs model_dir (a model dir, weights file, hub id '
+                                     'or exported dir) or checkpoint')
+                checkpoint = read_source(model_dir, config, revision=revision)
+            super().__init__(model_dir=str(model_dir or checkpoint.source), device=str(device or 'cpu'))
+            self.core = CNClip.from_checkpoint(checkpoint, device=device, precision=precision,
+                                               fast_decode=fast_decode)
+            self.clip = self.core.model  # registered as the submodule that trainers and .to() see
+            self.arch = checkpoint.name
+            self.source_layout = checkpoint.layout
+            self.vocab_file = checkpoint.vocab_file
+            self.guessed = checkpoint.guessed  # config fields read off shapes only; saved dirs keep saying so
         self.tokenizer = self.core.tokenizer
         self.transform = self.core.transform
-        self.arch = checkpoint.name
-        self.source_layout = checkpoint.layout
-        self.vocab_file = checkpoint.vocab_file
-        self.guessed = checkpoint.guessed  # config fields read off shapes only; saved dirs keep saying so
         # What pipeline(task, model=<this object>) builds (read before any configuration.json).
         self.pipeline = {'type': PIPELINE_TYPE}
         self.eval()
 
     @property
     def config(self) -> CLIPConfig:
-        return self.clip.config
+        return self.core.config
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -108,7 +121,14 @@ class CNClipForMultiModalEmbedding(TorchModel):
         return pool_frames(self.core.encode_image(pixels), counts)
 
     def to_checkpoint(self) -> Checkpoint:
-        """The current weights (fp32, CPU) as a :class:`Checkpoint`."""
+        """The current weights (fp32, CPU) as a :class:`Checkpoint`.
+
+        Raises:
+            ValueError: an exported model (graphs, no torch weights).
+        """
+        if self.clip is None:
+            raise ValueError(f'{self.model_dir} is an exported model: it has no torch weights to save or train; use '
+                             f'the checkpoint it was exported from ({self.core.model.manifest.source or "unknown"})')
         sd = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
               for k, v in self.clip.state_dict().items()}
         return Checkpoint(sd, self.config, self.vocab_file, 'plugin', str(self.model_dir), self.guessed)

@@ -2,7 +2,7 @@
 
 Works as ``p({...})`` and ``p.forward({...})`` (raw or preprocessed input), on every layout the plugin reads:
 a model object, a plugin dir, a stock hub dir or hub id (with ``pipeline_name='cnclip-multi-modal-embedding'``),
-an official ``.pt`` or a Hugging Face dir.
+an official ``.pt``, a Hugging Face dir, or a dir written by ``cnclip export`` (ONNX Runtime, OpenVINO, TensorRT).
 """
 from __future__ import annotations
 
@@ -34,15 +34,17 @@ class CNClipPipeline(Pipeline):
     Args:
         model: a :class:`CNClipForMultiModalEmbedding`, or any source it reads (dir, weights file, hub id).
         device: ``'cpu'``, ``'gpu'``, ``'gpu:1'``, ``'cuda:1'`` (ModelScope's default is ``'gpu'``; no CUDA -> CPU).
-        precision: ``'fp32'`` (default, exact), ``'bf16'``, ``'fp16'`` (GPU).
+        precision: ``'fp32'`` (default, exact), ``'bf16'``, ``'fp16'`` (GPU); an exported dir runs in its exported
+            precision by default.
+        backend: ``'onnxruntime'``, ``'openvino'`` or ``'tensorrt'`` for an exported dir (default: its own runtime).
         config: architecture override for a source that does not describe itself.
         revision: hub revision when ``model`` is a hub id.
         fast_decode: decode JPEGs at reduced size before the resize (faster on photos, slightly inexact).
     """
 
     def __init__(self, model: Any, preprocessor: CNClipPreprocessor | None = None, device: str = 'gpu',
-                 precision: str = 'fp32', config: Any = None, revision: str | None = None,
-                 fast_decode: bool = False, **kwargs: Any) -> None:
+                 precision: str | None = None, config: Any = None, revision: str | None = None,
+                 fast_decode: bool = False, backend: str | None = None, **kwargs: Any) -> None:
         if not isinstance(model, CNClipForMultiModalEmbedding):
             if isinstance(model, Model):
                 raise TypeError(f'{type(model).__name__} is not a Chinese CLIP model of this plugin; pass its '
@@ -51,7 +53,7 @@ class CNClipPipeline(Pipeline):
                 raise TypeError(f'model must be a model dir, weights file, hub id or CNClipForMultiModalEmbedding, '
                                 f'got {type(model).__name__}')
             model = CNClipForMultiModalEmbedding(str(model), device=device, precision=precision, config=config,
-                                                 revision=revision, fast_decode=fast_decode)
+                                                 revision=revision, fast_decode=fast_decode, backend=backend)
         if preprocessor is None:
             preprocessor = CNClipPreprocessor(transform=model.transform, tokenizer=model.tokenizer)
         # The base class reads a configuration.json next to the model; sources without one (a .pt file, a stock

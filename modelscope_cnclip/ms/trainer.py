@@ -178,6 +178,8 @@ class CNClipTrainer(EpochBasedTrainer):
                                  'pretrained_model.model_name in the configuration')
         if not isinstance(model, CNClipForMultiModalEmbedding):
             model = CNClipForMultiModalEmbedding(str(model), device=device or 'cpu')
+        if model.clip is None:
+            model.to_checkpoint()  # raises: an exported model has no weights to train (the message names the source)
         if amp == 'fp16':
             kwargs['use_fp16'] = True
         self.amp, self.accum_freq, self.mask_ratio = amp, accum_freq, mask_ratio
