@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY_RN, TINY_VIT, random_state_dict, write_hub_dir
+from helpers import TINY_RN, TINY_VIT, TINY_VIT_NO_DROPOUT, random_state_dict, train_overrides, write_hub_dir
 
 
 @pytest.fixture(scope='session')
@@ -50,6 +50,32 @@ def tiny_pipe(plugin_vit_dir: Path):
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
     return pipeline(task=Tasks.multi_modal_embedding, model=str(plugin_vit_dir), device='cpu')
+
+
+@pytest.fixture(scope='session')
+def train_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated training data (train: 512 pairs, valid: 64) and a random tiny model to finetune."""
+    from modelscope_cnclip.checkpoints.layouts import Checkpoint, write_dir
+    from modelscope_cnclip.data import make_synthetic_split
+    root = tmp_path_factory.mktemp('train')
+    make_synthetic_split(root / 'data', 'train', 512, seed=1)
+    make_synthetic_split(root / 'data', 'valid', 64, seed=2)
+    cfg = TINY_VIT_NO_DROPOUT
+    write_dir(Checkpoint(random_state_dict(cfg), cfg), root / 'model')
+    return root
+
+
+@pytest.fixture(scope='session')
+def trained(train_root: Path):
+    """The model trained in the test suite: 25 epochs on 512 generated pairs (~10 s on 2 CPUs; the tests that
+    use it are marked slow). ``(trainer, metrics before, metrics after)``; the model is ``work/output``."""
+    from modelscope.trainers import build_trainer
+    trainer = build_trainer('cnclip-trainer', dict(
+        model=str(train_root / 'model'), work_dir=str(train_root / 'work'), train_dataset=str(train_root / 'data'),
+        eval_dataset=str(train_root / 'data'), cfg_overrides=train_overrides(25)))
+    before = trainer.evaluate()
+    trainer.train()
+    return trainer, before, trainer.evaluate()
 
 
 @pytest.fixture(scope='session')

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modelscope_cnclip.config import CLIPConfig, TextConfig, VisionConfig, config_to_hub
+from modelscope_cnclip.config import CLIPConfig, TextConfig, VisionConfig, available_models, config_to_hub, get_config
 from modelscope_cnclip.model import CLIP
 from modelscope_cnclip.tokenizer import DEFAULT_VOCAB
 from modelscope_cnclip.video import FrameSampling
@@ -42,6 +42,32 @@ TINY_RN = CLIPConfig(
 # Dropout noise swamps a 48-wide random text tower's signal; real checkpoints train with their dropout.
 TINY_VIT_NO_DROPOUT = dataclasses.replace(TINY_VIT, text=dataclasses.replace(
     TINY_VIT.text, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def tiny_of(name: str) -> CLIPConfig:
+    """A tiny model with the structure of a shipped architecture: the same tower kind, patch size, head width,
+    image-size-to-patch ratio class (336 px keeps a bigger grid), text width ratio, real vocabulary and positions."""
+    real = get_config(name)
+    v, t = real.vision, real.text
+    if v.is_resnet:
+        vision = VisionConfig(image_size=64, layers=(1, 1, 1, 1), width=16, head_width=v.head_width)
+    else:
+        vision = VisionConfig(image_size=v.patch_size * (6 if v.image_size > 224 else 4), layers=2,
+                              width=2 * v.head_width, patch_size=v.patch_size, head_width=v.head_width)
+    text = TextConfig(hidden_size=t.hidden_size // 16, intermediate_size=t.intermediate_size // 16,
+                      num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=t.max_position_embeddings)
+    return CLIPConfig(embed_dim=real.embed_dim // 16, vision=vision, text=text)
+
+
+#: a tiny model of each shipped architecture
+TINY_ARCHS = {name: tiny_of(name) for name in available_models()}
+
+
+def train_overrides(epochs: int, lr: float = 1e-3, batch: int = 32) -> dict:
+    """cfg_overrides for the trainer tests: epochs, lr, batch, no loader workers, no weight decay."""
+    return {'train': {'max_epochs': epochs, 'dataloader': {'batch_size_per_gpu': batch, 'workers_per_gpu': 0},
+                      'optimizer_hparams': {'lr': lr, 'weight_decay': 0.0}},
+            'evaluation': {'dataloader': {'batch_size_per_gpu': 64, 'workers_per_gpu': 0}}}
 
 
 def random_state_dict(cfg: CLIPConfig, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -72,7 +72,7 @@ def _library_modules() -> list[str]:
 
 def test_no_library_module_imports_modelscope():
     modules = _library_modules()
-    assert {'modelscope_cnclip.jobs.ray_engine', 'modelscope_cnclip.deploy.export',
+    assert {'modelscope_cnclip.jobs.ray_engine', 'modelscope_cnclip.deploy.exporter',
             'modelscope_cnclip.runtime.tensorrt'} <= set(modules)
     got = imported_after('import importlib\n' + '\n'.join(f'importlib.import_module({m!r})' for m in modules))
     assert 'modelscope' not in got and not EXTRAS & got  # extras load on first use

@@ -24,34 +24,16 @@ from modelscope_cnclip.data import make_synthetic_split, write_official_split
 from modelscope_cnclip.evaluation.retrieval import evaluate_split
 from modelscope_cnclip.train import build_optimizer, contrastive_loss, warmup_cosine
 
-from helpers import TINY_VIT, random_state_dict
+from helpers import TINY_VIT, random_state_dict, train_overrides
 from helpers import TINY_VIT_NO_DROPOUT as CFG
 
-
-def overrides(epochs: int, lr: float = 1e-3, batch: int = 32) -> dict:
-    return {'train': {'max_epochs': epochs, 'dataloader': {'batch_size_per_gpu': batch, 'workers_per_gpu': 0},
-                      'optimizer_hparams': {'lr': lr, 'weight_decay': 0.0}},
-            'evaluation': {'dataloader': {'batch_size_per_gpu': 64, 'workers_per_gpu': 0}}}
+overrides = train_overrides
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp('train')
-    make_synthetic_split(root / 'data', 'train', 512, seed=1)
-    make_synthetic_split(root / 'data', 'valid', 64, seed=2)
-    write_dir(Checkpoint(random_state_dict(CFG), CFG), root / 'model')
-    return root
-
-
-@pytest.fixture(scope='module')
-def trained(setup):
-    """A 25-epoch run on 512 generated pairs (~10 s on 2 CPUs): the tests that use it are marked slow."""
-    trainer = build_trainer('cnclip-trainer', dict(
-        model=str(setup / 'model'), work_dir=str(setup / 'work'), train_dataset=str(setup / 'data'),
-        eval_dataset=str(setup / 'data'), cfg_overrides=overrides(25)))
-    before = trainer.evaluate()
-    trainer.train()
-    return trainer, before, trainer.evaluate()
+def setup(train_root):
+    """The session's training root (conftest.py): data/ (train 512, valid 64 pairs), model/, work/."""
+    return train_root
 
 
 @pytest.mark.slow

@@ -4,12 +4,12 @@ CLI, jobs and indexes); the runtimes that run it live in :mod:`modelscope_cnclip
 
 * :mod:`.graphs` — torch -> ONNX per tower (dynamic batch and length), fp16, OpenVINO IR;
 * :mod:`.int8` — calibration inputs, ONNX Runtime and NNCF quantization, the accuracy gate;
-* :mod:`.export` — :func:`export`, the whole job, written atomically.
+* :mod:`.exporter` — :func:`export`, the whole job, written atomically.
 
 Needs the ``export`` extra (``pip install "modelscope_cnclip[export]"``); TensorRT also needs a CUDA GPU and the
 ``tensorrt`` package.
 """
-from modelscope_cnclip.deploy.export import DEFAULT_MAX_BATCH, EXPORT_PRECISIONS, ExportReport, export
+from modelscope_cnclip.deploy.exporter import DEFAULT_MAX_BATCH, EXPORT_PRECISIONS, ExportReport, export
 from modelscope_cnclip.deploy.int8 import DEFAULT_CALIBRATION, Calibration, Int8Gate, read_calibration
 
 __all__ = ['export', 'ExportReport', 'Int8Gate', 'Calibration', 'read_calibration', 'EXPORT_PRECISIONS',

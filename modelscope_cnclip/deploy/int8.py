@@ -35,7 +35,7 @@ from modelscope_cnclip.tokenizer import Tokenizer, check_texts
 from modelscope_cnclip.transform import ImageTransform
 
 __all__ = ['Int8Gate', 'Calibration', 'read_calibration', 'quantize_onnx', 'quantize_openvino', 'measure',
-           'DEFAULT_CALIBRATION']
+           'DEFAULT_CALIBRATION', 'r1_both', 'embed_rows', 'calibration_items']
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,8 @@ def quantize_openvino(model: Any, items: Sequence[np.ndarray], tower: str, resne
 
 # --- the gate -----------------------------------------------------------------------------------------------------
 
-def _r1(img: torch.Tensor, txt: torch.Tensor, calib: Calibration) -> dict[str, float]:
+def r1_both(img: torch.Tensor, txt: torch.Tensor, calib: Calibration) -> dict[str, float]:
+    """R@1 (percent) of text-to-image and image-to-text retrieval over the calibration pairs."""
     m = retrieval_metrics(img, calib.image_ids, txt, calib.text_image_ids)
     return {'t2i': m['t2i']['r1'], 'i2t': m['i2t']['r1']}
 
@@ -236,7 +237,8 @@ def measure(tower: str, reference: dict[str, torch.Tensor], candidate: torch.Ten
         reasons.append(f'mean cosine {out["cosine_mean"]:.4f} < {gate.min_cosine}')
     if calib.paired and 'text' in reference and 'image' in reference:
         mixed = {**reference, tower: candidate}
-        fp32, int8 = _r1(reference['image'], reference['text'], calib), _r1(mixed['image'], mixed['text'], calib)
+        fp32 = r1_both(reference['image'], reference['text'], calib)
+        int8 = r1_both(mixed['image'], mixed['text'], calib)
         out['r1'] = {'fp32': fp32, 'int8': int8}
         drops = {d: fp32[d] - int8[d] for d in fp32}
     else:

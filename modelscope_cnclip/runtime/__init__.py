@@ -27,7 +27,7 @@ from modelscope_cnclip.config import BACKENDS, EXPORT_FORMATS, CLIPConfig
 from modelscope_cnclip.utils import atomic_write_bytes
 
 __all__ = ['MANIFEST', 'FORMATS', 'BACKENDS', 'EXPORT_EXTRA', 'TowerExport', 'ExportManifest', 'is_export_dir',
-           'read_manifest', 'require', 'ExportedCLIP', 'default_backend']
+           'read_manifest', 'require', 'ExportedCLIP', 'default_backend', 'OrtTower', 'OpenVINOTower']
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,9 @@ def _num_threads() -> int:
 
 # --- runners: one tower's graph on one runtime; numpy in, numpy out --------------------------------------------------
 
-class _OrtTower:
+class OrtTower:
+    """One tower's graph on ONNX Runtime (CPU, or CUDA): numpy array in, ``(B, D)`` float32 array out."""
+
     def __init__(self, path: Path, tower: str, device: torch.device) -> None:
         ort = require('onnxruntime', 'running an exported ONNX model')
         available = ort.get_available_providers()
@@ -191,7 +193,9 @@ class _OrtTower:
         return self.session.run([self.output], {self.input: x})[0]
 
 
-class _OpenVINOTower:
+class OpenVINOTower:
+    """One tower's graph (ONNX or IR) on OpenVINO's CPU plugin, computing in ``hint`` (``f32`` or ``bf16``)."""
+
     def __init__(self, path: Path, tower: str, device: torch.device, hint: str) -> None:
         ov = require('openvino', 'running an exported model on OpenVINO')
         if device.type != 'cpu':
@@ -270,9 +274,9 @@ class ExportedCLIP:
             return TensorRTTower(self.dir, self.manifest, tower, device)
         path = self.dir / (spec.onnx or spec.file)
         if self.backend == 'onnxruntime':
-            return _OrtTower(path, tower, device)
+            return OrtTower(path, tower, device)
         hint = 'bf16' if 'bf16' in self.precision else 'f32'
-        return _OpenVINOTower(path, tower, device, hint)
+        return OpenVINOTower(path, tower, device, hint)
 
     # --- the CLIP interface -----------------------------------------------------------------------------------
     def eval(self) -> 'ExportedCLIP':

@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from modelscope_cnclip.deploy.int8 import (
     measure,
     quantize_onnx,
     quantize_openvino,
+    r1_both,
     read_calibration,
 )
 from modelscope_cnclip.inference import build_model
@@ -49,9 +50,9 @@ from modelscope_cnclip.runtime import (
     IO_NAMES,
     TOWERS,
     ExportManifest,
+    OpenVINOTower,
+    OrtTower,
     TowerExport,
-    _OpenVINOTower,
-    _OrtTower,
     require,
 )
 from modelscope_cnclip.tokenizer import Tokenizer
@@ -155,6 +156,11 @@ class _Exporter:
         self.external_data_bytes = external_data_bytes
         self.work = d / '.work'
         self.work.mkdir()
+        # int8: per tower, its candidate embeddings and how to write its int8 or its fp32 graph once decided
+        self.names: dict[str, str] = {}
+        self.candidates: dict[str, torch.Tensor] = {}
+        self.write_int8: dict[str, Callable[[], Any]] = {}
+        self.write_fp32: dict[str, Callable[[], Any]] = {}
 
     def fp32_onnx(self, tower: str) -> Path:
         path = self.work / f'{tower}.fp32.onnx'
@@ -192,52 +198,84 @@ class _Exporter:
             return TowerExport(f'{tower}.xml', 'fp32')
         return self._tensorrt(tower, precision, fp32, max_batch)
 
-    def _no_inputs(self, tower: str) -> TowerExport | None:
+    def _no_inputs(self, tower: str) -> TowerExport:
         logger.warning('no calibration %ss: the %s tower stays fp32 (give calibration texts to quantize it)',
                        tower, tower)
-        return None
+        self.write_fp32[tower]()
+        return TowerExport(self.names[tower], 'fp32',
+                           quantization={'passed': False, 'reasons': [f'no calibration {tower}s']})
 
     def _int8_onnx(self, tower: str, fp32: Path, calib: Calibration | None, reference: dict[str, torch.Tensor],
                    gate: Int8Gate) -> TowerExport:
+        self.names[tower] = f'{tower}.onnx'
+        self.write_fp32[tower] = lambda: self.place(fp32, f'{tower}.onnx')
         if tower not in reference:
-            self._no_inputs(tower)
-            return TowerExport(self.place(fp32, f'{tower}.onnx'), 'fp32',
-                               quantization={'passed': False, 'reasons': [f'no calibration {tower}s']})
+            return self._no_inputs(tower)
         q = self.work / f'{tower}.int8.onnx'
         quantize_onnx(fp32, q, external_data=len(graph_files(fp32)) > 1)
-        runner = _OrtTower(q, tower, torch.device('cpu'))
+        runner = OrtTower(q, tower, torch.device('cpu'))
         figures = self._gate(tower, runner, calib, reference, gate, 'onnxruntime dynamic int8 (per-channel weights)')
-        keep = q if figures['passed'] else fp32
-        return TowerExport(self.place(keep, f'{tower}.onnx'), 'int8' if figures['passed'] else 'fp32',
-                           quantization=figures)
+        self.write_int8[tower] = lambda: self.place(q, f'{tower}.onnx')
+        return TowerExport(f'{tower}.onnx', 'int8' if figures['passed'] else 'fp32', quantization=figures)
 
     def _int8_openvino(self, tower: str, model: Any, calib: Calibration | None,
                        reference: dict[str, torch.Tensor], gate: Int8Gate) -> TowerExport:
+        self.names[tower] = f'{tower}.xml'
+        self.write_fp32[tower] = lambda: to_openvino(model, self.d / f'{tower}.xml')
         if tower not in reference:
-            self._no_inputs(tower)
-            to_openvino(model, self.d / f'{tower}.xml')
-            return TowerExport(f'{tower}.xml', 'fp32',
-                               quantization={'passed': False, 'reasons': [f'no calibration {tower}s']})
+            return self._no_inputs(tower)
         assert calib is not None
         inputs = calib.pixels if tower == 'image' else calib.token_ids
         quantized = quantize_openvino(model, calibration_items(inputs), tower, self.clip.config.vision.is_resnet)
         to_openvino(quantized, self.work / f'{tower}.int8.xml')
-        runner = _OpenVINOTower(self.work / f'{tower}.int8.xml', tower, torch.device('cpu'), 'f32')
+        runner = OpenVINOTower(self.work / f'{tower}.int8.xml', tower, torch.device('cpu'), 'f32')
         figures = self._gate(tower, runner, calib, reference, gate, 'nncf static int8 (OpenVINO)')
-        to_openvino(quantized if figures['passed'] else model, self.d / f'{tower}.xml')
+        self.write_int8[tower] = lambda: to_openvino(quantized, self.d / f'{tower}.xml')
         return TowerExport(f'{tower}.xml', 'int8' if figures['passed'] else 'fp32', quantization=figures)
 
     def _gate(self, tower: str, runner: Any, calib: Calibration | None, reference: dict[str, torch.Tensor],
               gate: Int8Gate, method: str) -> dict[str, Any]:
         assert calib is not None
         inputs = calib.pixels if tower == 'image' else calib.token_ids
-        figures = {'method': method, **measure(tower, reference, embed_rows(runner, inputs), calib, gate),
+        self.candidates[tower] = embed_rows(runner, inputs)
+        figures = {'method': method, **measure(tower, reference, self.candidates[tower], calib, gate),
                    'gate': asdict(gate)}
+        self._log(tower, figures)
+        return figures
+
+    @staticmethod
+    def _log(tower: str, figures: dict[str, Any]) -> None:
         level = logging.INFO if figures['passed'] else logging.WARNING
         logger.log(level, 'int8 %s tower: %s (mean cosine %.5f%s)', tower,
                    'kept' if figures['passed'] else 'refused, kept fp32: ' + '; '.join(figures['reasons']),
                    figures['cosine_mean'], f', R@1 {figures["r1"]}' if 'r1' in figures else '')
-        return figures
+
+    def settle_int8(self, towers: dict[str, TowerExport], calib: Calibration | None,
+                    reference: dict[str, torch.Tensor], gate: Int8Gate) -> dict[str, TowerExport]:
+        """Each tower passed the gate with the other in fp32; with both in int8, R@1 over pairs is measured again,
+        and if it fails, the tower closer to failing (lower mean cosine) goes back to fp32. Then the graphs are
+        written: int8 where kept, else the fp32 one."""
+        kept = [t for t in TOWERS if towers[t].precision == 'int8']
+        if len(kept) == 2 and calib is not None and calib.paired:
+            fp32, both = r1_both(reference['image'], reference['text'], calib), \
+                r1_both(self.candidates['image'], self.candidates['text'], calib)
+            drops = {d: round(fp32[d] - both[d], 4) for d in fp32}
+            failed = {d: v for d, v in drops.items() if v > gate.max_r1_drop}
+            for t in TOWERS:
+                towers[t].quantization['r1_both_int8'] = both
+            if failed:
+                worse = min(TOWERS, key=lambda t: towers[t].quantization['cosine_mean'])
+                reason = (f'with both towers int8, {", ".join(f"{d} R@1 {v:.2f}" for d, v in failed.items())} '
+                          f'points below fp32 (allowed {gate.max_r1_drop}); the tower with the lower mean cosine '
+                          f'goes back to fp32')
+                q = towers[worse].quantization
+                q.update(passed=False, reasons=[*q['reasons'], reason])
+                towers[worse] = TowerExport(towers[worse].file, 'fp32', quantization=q)
+                self._log(worse, q)
+        for t in TOWERS:
+            if t in self.write_int8:
+                (self.write_int8 if towers[t].precision == 'int8' else self.write_fp32)[t]()
+        return towers
 
     def _tensorrt(self, tower: str, precision: str, fp32: Path, max_batch: int) -> TowerExport:
         from modelscope_cnclip.runtime.tensorrt import build_engine, engine_profile
@@ -314,6 +352,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, format: str = '
     with atomic_dir(dst) as tmp:
         exporter = _Exporter(clip, tmp, format, opset, external_data_bytes)
         towers = {t: exporter.tower(t, precision, calib, reference, gate, max_batch) for t in TOWERS}
+        if precision == 'int8':
+            towers = exporter.settle_int8(towers, calib, reference, gate)
         shutil.rmtree(exporter.work)
         shutil.copyfile(ckpt.vocab_file, tmp / 'vocab.txt')
         details: dict[str, Any] = {'opset': opset, 'versions': _versions(format), 'io': IO_NAMES}
