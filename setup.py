@@ -36,10 +36,14 @@ EXTRAS = {
     # cnclip export and exported models: ONNX graphs, ONNX Runtime (CPU; onnxruntime-gpu for CUDA), OpenVINO IR and
     # NNCF int8. TensorRT engines also need `pip install tensorrt` on a CUDA machine.
     'export': ['onnx>=1.15', 'onnxruntime>=1.17', 'openvino>=2024.1', 'nncf>=2.10'],
+    # cnclip serve: FastAPI on uvicorn, dynamic batching (mixedbread's batched), Prometheus metrics, httpx for image
+    # URLs (off by default); Ray Serve for replicas and autoscaling (--engine ray)
+    'serve': ['fastapi>=0.110', 'uvicorn>=0.29', 'batched>=0.1.4', 'prometheus_client>=0.20', 'httpx>=0.27',
+              'ray[serve]>=2.9'],
 }
 # six: lets the tests load --to hub output with ModelScope's built-in CLIP class.
 EXTRAS['test'] = ['pytest>=7', 'six', *EXTRAS['train'], *EXTRAS['index'], *EXTRAS['video'], *EXTRAS['ray'],
-                  *EXTRAS['export']]
+                  *EXTRAS['export'], *EXTRAS['serve'], 'openai>=1.0']
 EXTRAS['all'] = sorted({req for name, reqs in EXTRAS.items() if name != 'test' for req in reqs})
 
 setup(

@@ -392,6 +392,63 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replica_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition(':')
+    try:
+        if not sep:
+            raise ValueError
+        return int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected MIN:MAX replicas, e.g. 1:4, got {text!r}') from None
+
+
+@command('serve', 'serve embeddings, ranking and search over HTTP (OpenAI embeddings API; batched; Ray Serve)',
+         *LOADED_MODEL,
+         arg('--index', help='an index dir (`cnclip index build`) made by this model, for POST /v1/search'),
+         arg('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1; 0.0.0.0 exposes it)'),
+         arg('--port', type=int, default=8000, help='port (default 8000; 0 picks a free one)'),
+         arg('--api-key', help='require "Authorization: Bearer KEY" (prefer the CNCLIP_API_KEY environment variable: '
+                               'a flag is visible in the process list)'),
+         arg('--model-name', default='cnclip', help='the model id clients name (default cnclip)'),
+         arg('--max-batch-size', type=_positive_int, default=32,
+             help='items per model batch, merged across concurrent requests (default 32)'),
+         arg('--batch-wait-ms', type=_non_negative_float, default=5.0,
+             help='longest wait for a batch to fill, ms (default 5)'),
+         arg('--max-items', type=_positive_int, default=256, help='items per request (default 256)'),
+         arg('--max-body-mb', type=_positive_int, default=64, help='request body limit, MiB (default 64)'),
+         arg('--max-text-chars', type=_positive_int, default=2000, help='characters per text (default 2000)'),
+         arg('--allow-urls', action='store_true',
+             help='fetch http(s) image URLs (public addresses only; off by default)'),
+         arg('--url-timeout', type=_non_negative_float, default=10.0, help='seconds per image URL (default 10)'),
+         arg('--decode-threads', type=int, default=0, help='image decoding threads (default: one per core, <= 8)'),
+         arg('--drain-timeout', type=_non_negative_float, default=30.0,
+             help='seconds in-flight requests may take after SIGTERM (default 30)'),
+         arg('--engine', choices=('local', 'ray'), default='local',
+             help='local: this process (default); ray: replicas on Ray Serve'),
+         arg('--replicas', type=_positive_int, default=1, help='ray: replicas (default 1)'),
+         arg('--autoscale', type=_replica_range, metavar='MIN:MAX', help='ray: autoscale between MIN and MAX replicas'),
+         arg('--gpus-per-replica', type=_non_negative_float, default=0.0,
+             help='ray: GPUs per replica (a GPU replica loads the model on cuda)'),
+         arg('--cpus-per-replica', type=_non_negative_float, default=1.0, help='ray: CPUs per replica (default 1)'),
+         arg('--ray-address', help='ray: cluster address (default: start a local Ray instance)'))
+def _serve(args: argparse.Namespace) -> int:
+    from modelscope_cnclip.serve.server import ModelSpec, RayServeOptions, serve_local, serve_ray
+    from modelscope_cnclip.serve.settings import MiB, ServeSettings
+    settings = ServeSettings(host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
+                             max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                             max_items=args.max_items, max_body_bytes=args.max_body_mb * MiB,
+                             max_text_chars=args.max_text_chars, allow_urls=args.allow_urls,
+                             url_timeout_s=args.url_timeout, decode_threads=args.decode_threads,
+                             drain_timeout_s=args.drain_timeout)
+    spec = ModelSpec(args.model, {'device': args.device, 'precision': args.precision, 'config': args.config,
+                                  'backend': args.backend}, args.index)
+    if args.engine == 'ray':
+        return serve_ray(spec, settings, RayServeOptions(
+            address=args.ray_address, replicas=args.replicas, autoscale=args.autoscale,
+            gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica))
+    return serve_local(spec, settings)
+
+
 @command('train', 'finetune with the ModelScope trainer; <out>/output is a plugin model dir', MODEL,
          arg('--data', required=True, help='official-format dir (train split), dir with train.jsonl, or .jsonl'),
          arg('--eval-data', help='evaluation data (default: --data, valid split)'),

@@ -1,0 +1,1 @@
+"""Serving: an embedding, ranking and search service with OpenAI's embeddings API (``cnclip serve``)."""

@@ -1,0 +1,82 @@
+"""What a server is allowed to do, as data: limits, batching, authentication and URL fetching."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+API_KEY_ENV = 'CNCLIP_API_KEY'
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and options of ``cnclip serve`` (every one is a ``--flag`` of the same name).
+
+    Attributes:
+        host, port: where to listen; ``127.0.0.1`` unless told otherwise (``0.0.0.0`` exposes it).
+        model_name: the ``model`` id served (``GET /v1/models``); requests may name it, the model's source or nothing.
+        api_key: when set, every route but ``/health`` needs ``Authorization: Bearer <api_key>``; ``None`` reads
+            the ``CNCLIP_API_KEY`` environment variable (unset: no authentication).
+        max_batch_size: items (texts or images) per model batch, merged across concurrent requests.
+        batch_wait_ms: how long a batch waits for more items before it runs, in milliseconds.
+        max_items: items per request (``input`` list length, texts or images to rank).
+        max_body_bytes: request body size; larger bodies get 413 before they are read in full.
+        max_text_chars: characters per text (texts are cut at the model's context length after tokenisation; this
+            bounds the tokeniser's work).
+        max_top_k: largest ``top_k`` of ``/v1/search``.
+        allow_urls: fetch ``http(s)://`` image URLs (off: such inputs are refused). Even when on, loopback,
+            private, link-local and other non-public addresses are refused, also after redirects.
+        url_timeout_s, url_max_bytes, url_max_redirects: limits of one image URL fetch.
+        decode_threads: threads decoding and preprocessing images (0: one per core, up to 8).
+        drain_timeout_s: on SIGTERM / Ctrl-C, how long in-flight requests may take to finish.
+    """
+
+    host: str = '127.0.0.1'
+    port: int = 8000
+    model_name: str = 'cnclip'
+    api_key: str | None = field(default=None, repr=False)
+    max_batch_size: int = 32
+    batch_wait_ms: float = 5.0
+    max_items: int = 256
+    max_body_bytes: int = 64 * MiB
+    max_text_chars: int = 2000
+    max_top_k: int = 1000
+    allow_urls: bool = False
+    url_timeout_s: float = 10.0
+    url_max_bytes: int = 20 * MiB
+    url_max_redirects: int = 3
+    decode_threads: int = 0
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ('port', 'max_batch_size', 'max_items', 'max_body_bytes', 'max_text_chars', 'max_top_k',
+                     'url_max_bytes'):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == 'port' else 1):
+                raise ValueError(f'{name}={value!r}: expected a positive integer')
+        for name in ('batch_wait_ms', 'url_timeout_s', 'drain_timeout_s'):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float('inf'):
+                raise ValueError(f'{name}={value!r}: expected a number >= 0')
+        if not isinstance(self.url_max_redirects, int) or self.url_max_redirects < 0:
+            raise ValueError(f'url_max_redirects={self.url_max_redirects!r}: expected an integer >= 0')
+        if not isinstance(self.decode_threads, int) or self.decode_threads < 0:
+            raise ValueError(f'decode_threads={self.decode_threads!r}: expected an integer >= 0 (0: automatic)')
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError('api_key is empty: give a key, or None for no authentication')
+
+    @property
+    def key(self) -> str | None:
+        """The API key in force: ``api_key``, else ``$CNCLIP_API_KEY``, else ``None`` (no authentication)."""
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field but the key (safe to log or print)."""
+        out = asdict(self)
+        out['api_key'] = '<set>' if self.key else None
+        return out
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
