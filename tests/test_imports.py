@@ -17,8 +17,10 @@ from helpers import REPO
 
 PKG = Path(modelscope_cnclip.__file__).parent
 HEAVY = ('torch', 'transformers', 'modelscope', 'PIL', 'numpy', 'faiss', 'ray', 'decord', 'av', 'onnx', 'onnxruntime',
-         'openvino', 'nncf', 'tensorrt')
-EXTRAS = {'faiss', 'ray', 'decord', 'av', 'onnx', 'onnxruntime', 'openvino', 'nncf', 'tensorrt'}
+         'openvino', 'nncf', 'tensorrt', 'fastapi', 'starlette', 'uvicorn', 'batched', 'prometheus_client', 'httpx',
+         'pydantic')
+EXTRAS = {'faiss', 'ray', 'decord', 'av', 'onnx', 'onnxruntime', 'openvino', 'nncf', 'tensorrt', 'fastapi', 'starlette',
+          'uvicorn', 'batched', 'prometheus_client', 'httpx'}
 
 # Bottom to top; a module may import its own layer and the layers below, never one above.
 LAYERS = [
@@ -31,6 +33,7 @@ LAYERS = [
     {'index'},
     {'evaluation'},
     {'deploy'},
+    {'serve'},
     {'train'},
     {'ms'},
     {'cli', '__main__'},
@@ -55,7 +58,8 @@ def test_cli_models_and_help_import_neither_torch_nor_modelscope():
     assert imported_after('from modelscope_cnclip.cli import main\nmain(["models"])') == set()
     assert imported_after('from modelscope_cnclip.cli import main\n'
                           'try:\n    main(["--help"])\nexcept SystemExit:\n    pass\n'
-                          'try:\n    main(["embed", "--help"])\nexcept SystemExit:\n    pass') == set()
+                          'try:\n    main(["embed", "--help"])\nexcept SystemExit:\n    pass\n'
+                          'try:\n    main(["serve", "--help"])\nexcept SystemExit:\n    pass') == set()
 
 
 def test_inference_imports_torch_and_transformers_but_not_modelscope(plugin_vit_dir):
@@ -73,7 +77,7 @@ def _library_modules() -> list[str]:
 def test_no_library_module_imports_modelscope():
     modules = _library_modules()
     assert {'modelscope_cnclip.jobs.ray_engine', 'modelscope_cnclip.deploy.exporter',
-            'modelscope_cnclip.runtime.tensorrt'} <= set(modules)
+            'modelscope_cnclip.runtime.tensorrt', 'modelscope_cnclip.serve.app'} <= set(modules)
     got = imported_after('import importlib\n' + '\n'.join(f'importlib.import_module({m!r})' for m in modules))
     assert 'modelscope' not in got and not EXTRAS & got  # extras load on first use
 

@@ -4,8 +4,6 @@
 the background, so ``/health`` answers 503 until the model is ready). The same app runs in the single-process server
 (uvicorn) and in each Ray Serve replica.
 """
-from __future__ import annotations
-
 import base64
 import hmac
 import logging
@@ -13,18 +11,20 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelscope_cnclip.serve.schema import ApiError, parse_embeddings, parse_rank, parse_search, read_json
 from modelscope_cnclip.serve.service import EmbeddingService
 from modelscope_cnclip.serve.settings import ServeSettings
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response
+
+# No `from __future__ import annotations` here: FastAPI reads the route functions' annotations (Request), which
+# live in create_app's scope, where the web framework is imported on first use.
 logger = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -51,7 +51,8 @@ class Metrics:
         self.batch.labels(modality).observe(n)
         self.items.labels(modality).inc(n)
 
-    def render(self) -> Response:
+    def render(self) -> 'Response':
+        from fastapi.responses import Response
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -66,7 +67,7 @@ class _State:
         self.started = int(time.time())
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: 'Request', limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
     declared = request.headers.get('content-length', '')
     if declared.isdigit() and int(declared) > limit:
@@ -88,7 +89,7 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
 
 
 def create_app(service: EmbeddingService | Callable[[], EmbeddingService], settings: ServeSettings | None = None,
-               ) -> FastAPI:
+               ) -> 'FastAPI':
     """The FastAPI app of ``cnclip serve``.
 
     Args:
@@ -100,6 +101,11 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
     ``GET /metrics``. Errors are ``{"error": {"message", "type", "param", "code", "index"}}`` with a 4xx status
     (5xx only for faults on the server, logged there, never with a stack trace in the answer).
     """
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     settings = settings or ServeSettings()
     state, metrics = _State(), Metrics()
     key = settings.key
@@ -117,7 +123,7 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
             state.error, state.exception = f'{type(e).__name__}: {e}', e
             logger.error('cannot load the model: %s', state.error)
 
-    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+    async def lifespan(app: Any):  # type: ignore[no-untyped-def]
         if isinstance(service, EmbeddingService):
             adopt(service)
         else:

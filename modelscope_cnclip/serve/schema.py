@@ -10,8 +10,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
 from modelscope_cnclip.serve.settings import ServeSettings
 
 Modality = Literal['text', 'image']
@@ -31,34 +29,6 @@ class ApiError(Exception):
     def to_dict(self) -> dict[str, Any]:
         return {'error': {'message': self.message, 'type': self.type, 'param': self.param, 'code': self.code,
                           'index': self.index}}
-
-
-class _Strict(BaseModel):
-    # Unknown fields are ignored, as OpenAI's API does (clients send `user`, `dimensions`, ...).
-    model_config = ConfigDict(extra='ignore', strict=True)
-
-
-class _Embeddings(_Strict):
-    input: str | list[Any]
-    model: str | None = None
-    encoding_format: Literal['float', 'base64'] = 'float'
-    modality: Modality = 'text'
-    dimensions: int | None = None
-
-
-class _Rank(_Strict):
-    image: str | None = None
-    texts: list[Any] | None = None
-    text: str | None = None
-    images: list[Any] | None = None
-    model: str | None = None
-
-
-class _Search(_Strict):
-    query: str
-    top_k: int = 10
-    modality: Modality = 'text'
-    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,23 +71,38 @@ def read_json(body: bytes) -> Any:
         raise ApiError(400, 'malformed JSON: nested too deeply', code='invalid_json') from None
 
 
-def _validate(cls: type[BaseModel], data: Any) -> Any:
+_MISSING = object()
+
+
+def _fields(data: Any, spec: dict[str, tuple[tuple[type, ...], Any]]) -> dict[str, Any]:
+    """Check a JSON object against ``{name: (types, default)}`` (``_MISSING``: required); unknown fields are
+    ignored, as OpenAI's API does (clients send ``user``, ...). ``bool`` is never an ``int`` here."""
     if not isinstance(data, dict):
         raise ApiError(400, f'the request body must be a JSON object, not {type(data).__name__}',
                        code='invalid_request')
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = [str(p) for p in err['loc'] if not str(p).startswith(('str', 'list['))]
-        index = next((p for p in err['loc'] if isinstance(p, int)), None)
-        param = str(loc[0]) if loc else None
-        message = err['msg']
-        if err['type'] == 'missing':
-            message = f'{param!r} is required'
-        elif param is not None:
-            message = f'{param}' + (f'[{index}]' if index is not None else '') + f': {message}'
-        raise ApiError(400, message, param=param, index=index, code='invalid_request') from None
+    out = {}
+    for name, (types, default) in spec.items():
+        value = data.get(name, default)
+        if value is _MISSING:
+            raise ApiError(400, f'{name!r} is required', param=name, code='invalid_request')
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            wanted = ' or '.join('array' if t is list else 'string' if t is str else t.__name__ for t in types)
+            raise ApiError(400, f'{name}: expected {wanted}, got {_json_type(value)}', param=name,
+                           code='invalid_request')
+        out[name] = value
+    return out
+
+
+def _json_type(value: Any) -> str:
+    return {dict: 'object', list: 'array', str: 'string', bool: 'boolean', int: 'integer', float: 'number',
+            type(None): 'null'}.get(type(value), type(value).__name__)
+
+
+def _choice(fields: dict[str, Any], name: str, choices: tuple[str, ...]) -> str:
+    value = fields[name]
+    if value not in choices:
+        raise ApiError(400, f'{name}={value!r}: expected one of {list(choices)}', param=name, code='invalid_request')
+    return value
 
 
 def _check_items(items: list[Any], param: str, modality: Modality, settings: ServeSettings) -> list[str]:
@@ -131,7 +116,7 @@ def _check_items(items: list[Any], param: str, modality: Modality, settings: Ser
             raise ApiError(400, f'{param}[{i}]: token ids are not accepted; send the text itself', param=param,
                            index=i, code='token_ids')
         if not isinstance(item, str):
-            raise ApiError(400, f'{param}[{i}]: expected a string, got {type(item).__name__}', param=param,
+            raise ApiError(400, f'{param}[{i}]: expected a string, got {_json_type(item)}', param=param,
                            index=i, code='invalid_type')
         if modality == 'text':
             check_text(item, param, i, settings)
@@ -156,37 +141,43 @@ def check_text(text: str, param: str, index: int | None, settings: ServeSettings
 def parse_embeddings(data: Any, settings: ServeSettings) -> EmbeddingsRequest:
     """``POST /v1/embeddings``: ``input`` a string or a list of strings (texts, or images as data URIs / base64 when
     ``modality`` is ``"image"``), ``encoding_format`` ``float`` | ``base64``, optional ``model``."""
-    req = _validate(_Embeddings, data)
-    items = [req.input] if isinstance(req.input, str) else req.input
-    items = _check_items(items, 'input', req.modality, settings)
-    if req.dimensions is not None:
+    f = _fields(data, {'input': ((str, list), _MISSING), 'model': ((str,), None),
+                       'encoding_format': ((str,), 'float'), 'modality': ((str,), 'text'),
+                       'dimensions': ((int,), None)})
+    encoding = _choice(f, 'encoding_format', ('float', 'base64'))
+    modality = _choice(f, 'modality', MODALITIES)
+    items = _check_items([f['input']] if isinstance(f['input'], str) else f['input'], 'input', modality, settings)
+    if f['dimensions'] is not None:
         raise ApiError(400, 'dimensions: this model\'s embeddings have a fixed size; omit "dimensions"',
                        param='dimensions', code='unsupported')
-    return EmbeddingsRequest(items, req.modality, req.encoding_format, req.model)
+    return EmbeddingsRequest(items, modality, encoding, f['model'])
 
 
 def parse_rank(data: Any, settings: ServeSettings) -> RankRequest:
     """``POST /v1/rank``: ``{"image", "texts"}`` (a probability over the texts) or ``{"text", "images"}``."""
-    req = _validate(_Rank, data)
-    if req.image is not None and req.texts is not None and req.text is None and req.images is None:
-        if not req.image:
+    f = _fields(data, {'image': ((str,), None), 'texts': ((list,), None), 'text': ((str,), None),
+                       'images': ((list,), None), 'model': ((str,), None)})
+    if f['image'] is not None and f['texts'] is not None and f['text'] is None and f['images'] is None:
+        if not f['image']:
             raise ApiError(400, 'image: empty image string', param='image', code='empty_input')
-        return RankRequest(req.image, 'image', _check_items(req.texts, 'texts', 'text', settings), req.model)
-    if req.text is not None and req.images is not None and req.image is None and req.texts is None:
-        check_text(req.text, 'text', None, settings)
-        return RankRequest(req.text, 'text', _check_items(req.images, 'images', 'image', settings), req.model)
+        return RankRequest(f['image'], 'image', _check_items(f['texts'], 'texts', 'text', settings), f['model'])
+    if f['text'] is not None and f['images'] is not None and f['image'] is None and f['texts'] is None:
+        check_text(f['text'], 'text', None, settings)
+        return RankRequest(f['text'], 'text', _check_items(f['images'], 'images', 'image', settings), f['model'])
     raise ApiError(400, 'send {"image": ..., "texts": [...]} (which text fits the image) or {"text": ..., "images": '
                         '[...]} (which image fits the text)', code='invalid_request')
 
 
 def parse_search(data: Any, settings: ServeSettings) -> SearchRequest:
     """``POST /v1/search``: ``query`` (text, or an image with ``"modality": "image"``), ``top_k``."""
-    req = _validate(_Search, data)
-    if not 1 <= req.top_k <= settings.max_top_k:
-        raise ApiError(400, f'top_k={req.top_k}: expected 1 to {settings.max_top_k}', param='top_k',
+    f = _fields(data, {'query': ((str,), _MISSING), 'top_k': ((int,), 10), 'modality': ((str,), 'text'),
+                       'model': ((str,), None)})
+    modality = _choice(f, 'modality', MODALITIES)
+    if not 1 <= f['top_k'] <= settings.max_top_k:
+        raise ApiError(400, f'top_k={f["top_k"]}: expected 1 to {settings.max_top_k}', param='top_k',
                        code='invalid_request')
-    if req.modality == 'text':
-        check_text(req.query, 'query', None, settings)
-    elif not req.query:
+    if modality == 'text':
+        check_text(f['query'], 'query', None, settings)
+    elif not f['query']:
         raise ApiError(400, 'query: empty image string', param='query', code='empty_input')
-    return SearchRequest(req.query, req.modality, req.top_k, req.model)
+    return SearchRequest(f['query'], modality, f['top_k'], f['model'])
