@@ -54,6 +54,8 @@ def test_to_hf_dir_loads_in_transformers(tmp_path, hub_vit_dir, images):
     assert torch.allclose(ours.model.encode_text(ids), want_txt, atol=1e-5, rtol=0)
     proc = json.loads((out / 'preprocessor_config.json').read_text())
     assert proc['size'] == {'height': 64, 'width': 64} and proc['do_center_crop'] is False
+    # as model.save_pretrained writes it; serving tools (infinity-emb) dispatch on it
+    assert json.loads((out / 'config.json').read_text())['architectures'] == ['ChineseCLIPModel']
     assert (out / 'vocab.txt').is_file()
 
 

@@ -136,7 +136,7 @@ def test_images_as_data_uris_and_base64(client, tiny_model, pictures, images, ph
     assert r.json()['usage'] == {'prompt_tokens': 0, 'total_tokens': 0}
 
 
-def test_openai_client_unchanged(base, tiny_model):
+def test_openai_client_unchanged(base, tiny_model, pictures, images):
     openai = pytest.importorskip('openai')
     client = openai.OpenAI(base_url=base + '/v1', api_key='unused', max_retries=0)
     r = client.embeddings.create(model='cnclip', input=TEXTS[:4])  # the client asks for base64 and decodes it
@@ -145,6 +145,8 @@ def test_openai_client_unchanged(base, tiny_model):
     assert r.usage.prompt_tokens > 0 and [d.index for d in r.data] == [0, 1, 2, 3]
     floats = client.embeddings.create(model='cnclip', input='一只猫', encoding_format='float')
     np.testing.assert_array_equal(np.float32(floats.data[0].embedding), tiny_model.encode_text(['一只猫'])[0].numpy())
+    image = client.embeddings.create(model='cnclip', input=[data_uri(pictures[0])], extra_body={'modality': 'image'})
+    assert np.abs(np.float32(image.data[0].embedding) - tiny_model.encode_image([images[0]])[0].numpy()).max() < 1e-6
     assert [m.id for m in client.models.list().data] == ['cnclip']
     with pytest.raises(openai.NotFoundError, match='not served here'):
         client.embeddings.create(model='text-embedding-3-small', input='x')
@@ -484,6 +486,20 @@ def test_request_parsing_is_plain_functions(settings):
         RayServeOptions(replicas=0)
     assert RayServeOptions(autoscale=(1, 4), gpus_per_replica=1).deployment_options()['autoscaling_config'] == {
         'min_replicas': 1, 'max_replicas': 4, 'initial_replicas': 1, 'target_ongoing_requests': 16.0}
+
+
+def test_ray_serve_app_builder_for_config_files_and_kuberay(plugin_vit_dir):
+    pytest.importorskip('ray.serve')
+    from modelscope_cnclip.serve.server import app_builder
+    app = app_builder({'model': str(plugin_vit_dir), 'precision': 'bf16', 'max_batch_size': 16,
+                       'autoscale': [1, 3], 'gpus_per_replica': 1})
+    deployment = app._bound_deployment
+    assert deployment.name == 'cnclip' and deployment.ray_actor_options['num_gpus'] == 1
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    with pytest.raises(ValueError, match="unknown \\['replica'\\]"):
+        app_builder({'model': 'x', 'replica': 2})
+    with pytest.raises(ValueError, match='"model"'):
+        app_builder({})
 
 
 # --- the process: CLI, SIGTERM ---------------------------------------------------------------------------------------

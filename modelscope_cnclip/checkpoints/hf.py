@@ -65,7 +65,8 @@ def write_hf_files(hf_sd: Mapping[str, torch.Tensor], cfg: CLIPConfig, vocab_fil
 
     from modelscope_cnclip.checkpoints.convert import save_weights
 
-    ChineseCLIPConfig(**config_to_hf(cfg)).save_pretrained(str(d))
+    # architectures: what model.save_pretrained records, and what tools that serve HF dirs (infinity-emb) dispatch on
+    ChineseCLIPConfig(**config_to_hf(cfg), architectures=['ChineseCLIPModel']).save_pretrained(str(d))
     save_weights(hf_sd, d, max_shard_size)
     BertTokenizer(vocab=str(vocab_file), do_lower_case=True,
                   model_max_length=cfg.context_length).save_pretrained(str(d))

@@ -168,3 +168,36 @@ def serve_ray(spec: ModelSpec, settings: ServeSettings, options: RayServeOptions
         serve.shutdown()
         if options.address is None:
             ray.shutdown()
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """A Ray Serve application builder, for ``serve run`` / ``serve deploy`` config files and KubeRay RayServices::
+
+        applications:
+          - name: cnclip
+            route_prefix: /
+            import_path: modelscope_cnclip.serve.server:app_builder
+            args: {model: /models/vitb16, index: /data/photos.index, precision: bf16, replicas: 2}
+
+    ``args``: ``model`` (required), ``index``, :func:`modelscope_cnclip.load` options (``device``, ``precision``,
+    ``backend``, ``config``), any :class:`ServeSettings` field (``api_key`` is best left to the ``CNCLIP_API_KEY``
+    environment variable of the replicas), and :class:`RayServeOptions` fields (``replicas``, ``autoscale`` as
+    ``[min, max]``, ``gpus_per_replica``, ...; ``address`` is the cluster's own).
+
+    Raises:
+        ValueError: an unknown or missing argument, named.
+    """
+    args = dict(args)
+    if 'model' not in args:
+        raise ValueError('app_builder args: "model" (a model source) is required')
+    load_keys = ('device', 'precision', 'backend', 'config')
+    ray_keys = tuple(f for f in RayServeOptions.__dataclass_fields__ if f != 'address')
+    unknown = set(args) - {'model', 'index', *load_keys, *ServeSettings.names(), *ray_keys}
+    if unknown:
+        raise ValueError(f'app_builder args: unknown {sorted(unknown)}; known: model, index, {", ".join(load_keys)}, '
+                         f'{", ".join(ServeSettings.names())}, {", ".join(ray_keys)}')
+    spec = ModelSpec(str(args.pop('model')), {k: args.pop(k) for k in load_keys if k in args}, args.pop('index', None))
+    ray_options = {k: args.pop(k) for k in ray_keys if k in args}
+    if 'autoscale' in ray_options and ray_options['autoscale'] is not None:
+        ray_options['autoscale'] = tuple(ray_options['autoscale'])
+    return ray_application(spec, ServeSettings(**args), RayServeOptions(**ray_options))
