@@ -38,7 +38,8 @@ EXTRAS = {
     'export': ['onnx>=1.15', 'onnxruntime>=1.17', 'openvino>=2024.1', 'nncf>=2.10'],
     # cnclip serve: FastAPI on uvicorn, dynamic batching (mixedbread's batched), Prometheus metrics, httpx for image
     # URLs (off by default); Ray Serve for replicas and autoscaling (--engine ray)
-    'serve': ['fastapi>=0.110', 'uvicorn>=0.29', 'batched>=0.1.4', 'prometheus_client>=0.20', 'httpx>=0.27',
+    # (uvicorn[standard]: httptools and uvloop, several times faster per request than the pure-Python defaults)
+    'serve': ['fastapi>=0.110', 'uvicorn[standard]>=0.29', 'batched>=0.1.4', 'prometheus_client>=0.20', 'httpx>=0.27',
               'ray[serve]>=2.9'],
 }
 # six: lets the tests load --to hub output with ModelScope's built-in CLIP class.

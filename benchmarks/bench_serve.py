@@ -8,13 +8,13 @@ The peer runs from its own virtual environment (it pins sentence-transformers < 
 ``ChineseCLIPModel.get_text_features`` fails on a pooler output the model does not build).
 
 Starts ``cnclip serve`` (a separate process, 127.0.0.1 only, ViT-B-16-size weights, 2 model threads) and drives it
-with asyncio httpx clients at concurrency 1, 8 and 32: one short Chinese query per text request, one 640x480 JPEG
+with asyncio aiohttp clients at concurrency 1, 8 and 32: one short Chinese query per text request, one 640x480 JPEG
 (a data URI) per image request, the way a search front end calls it. Each level runs a bounded number of requests
 (and at most --seconds). Reported: items/s, p50 / p99 latency, and items/s as a ratio to the library's own
 throughput on the same inputs (``encode_text`` / ``encode_image`` on batches of 32, decoding included), measured in
-this process before the server starts. The clients share the machine's 2 cores with the server, which the ratio
-includes. With ``--peer-infinity``, the same weights converted with ``cnclip convert --to hf`` are served by
-infinity-emb and driven the same way (its OpenAI-style ``/embeddings`` route).
+this process before the server starts and after it stops (the higher kept). The clients share the machine's 2 cores
+with the server, which the ratio includes. With ``--peer-infinity``, the same weights converted with ``cnclip
+convert --to hf`` are served by infinity-emb and driven the same way (its OpenAI-style ``/embeddings`` route).
 """
 from __future__ import annotations
 
@@ -88,24 +88,29 @@ def server(cmd: list[str], health: str, env: dict[str, str] | None = None):
 async def drive(url: str, bodies: list[dict[str, Any]], concurrency: int, seconds: float,
                 headers: dict[str, str] | None = None) -> dict[str, float]:
     """Send ``bodies`` (in order, round robin over ``concurrency`` clients) until all are sent or ``seconds`` pass;
-    returns items/s (completed requests' items over the wall time) and latency percentiles (ms)."""
-    import httpx
+    returns items/s (completed requests' items over the wall time) and latency percentiles (ms). The clients are
+    aiohttp (the load generator shares the CPU with the server, so it should cost as little as possible)."""
+    import aiohttp
     latencies: list[float] = []
     items = 0
-    queue = list(reversed(bodies))
+    queue = [json.dumps(b).encode() for b in reversed(bodies)]
+    sizes = [len(b['input']) for b in reversed(bodies)]
     deadline = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                     headers={'Content-Type': 'application/json', **(headers or {})}) as session:
         async def worker() -> None:
             nonlocal items
             while queue and time.monotonic() < deadline:
-                body = queue.pop()
+                body, n = queue.pop(), sizes.pop()
                 t = time.perf_counter()
-                r = await client.post(url, json=body)
+                async with session.post(url, data=body) as r:
+                    payload = await r.read()
                 latencies.append(time.perf_counter() - t)
-                if r.status_code != 200:
-                    raise SystemExit(f'{url}: HTTP {r.status_code} {r.text[:500]}')
-                items += len(body['input'])
+                if r.status != 200:
+                    raise SystemExit(f'{url}: HTTP {r.status} {payload[:500]!r}')
+                items += n
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
@@ -190,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         with server(cmd, f'http://127.0.0.1:{port}/health', env) as (_, ready_s):
             ours = run_levels(f'http://127.0.0.1:{port}/v1/embeddings', texts, uris, args, 'cnclip',
                               lambda u: {'model': 'cnclip', 'input': [u], 'modality': 'image'})
+        again = library_rates(src, texts * 2, jpegs, args.precision)  # after, too: the better of the two is kept
+        lib = {k: max(lib[k], again[k]) for k in lib}
         results = {'cnclip serve': (ours, ready_s)}
         notes = []
         if args.peer_infinity:
@@ -222,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     report += [
         f'Weights: {args.arch} size, random; precision {args.precision or "fp32"}; server: `cnclip serve` '
         f'(batch up to 32, wait {args.batch_wait_ms:g} ms). Text request: one short Chinese query; image request: '
-        f'one 640x480 JPEG as a data URI. Library baseline (this process, batches of 32, decoding included): '
+        f'one 640x480 JPEG as a data URI. Library baseline (this process, batches of 32, decoding included, '
+        f'the better of before and after the server): '
         f'**{lib["text"]:.0f} texts/s, {lib["image"]:.2f} images/s**. Server ready (GET /health) after '
         + ', '.join(f'{n} {r:.1f} s' for n, (_, r) in results.items()) + '.\n',
         '| server | modality | concurrency | items/s | x library | p50 ms | p99 ms | requests |',

@@ -116,6 +116,13 @@ class Tokenizer:
             input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         return {'input_ids': input_ids, 'attention_mask': input_ids.ne(SPECIAL_TOKENS['[PAD]']).long()}
 
+    def num_tokens(self, texts: str | Sequence[str], *, context_length: int | None = None) -> list[int]:
+        """Tokens the model reads for each text: word pieces cut like :meth:`__call__` does, plus ``[CLS]`` and
+        ``[SEP]`` (so between 2 and ``context_length``); no tensors are built."""
+        length = context_length or self.context_length
+        encodings = self._tok.encode_batch([clean_text(t) for t in check_texts(texts)], add_special_tokens=False)
+        return [min(len(enc.ids), length - 2) + 2 for enc in encodings]
+
     def tokenize(self, text: str) -> list[str]:
         """The word pieces of one text (no special tokens), for inspection."""
         return self._tok.encode(clean_text(check_texts(text)[0]), add_special_tokens=False).tokens

@@ -29,6 +29,7 @@ pytest.importorskip('fastapi')
 pytest.importorskip('batched')
 import httpx  # noqa: E402
 
+from modelscope_cnclip import load  # noqa: E402
 from modelscope_cnclip.serve import fetch  # noqa: E402
 from modelscope_cnclip.serve.app import create_app  # noqa: E402
 from modelscope_cnclip.serve.schema import ApiError, parse_embeddings, read_json  # noqa: E402
@@ -236,6 +237,42 @@ def test_a_model_that_fails_to_load(tmp_path, settings):
     r = subprocess.run([sys.executable, '-m', 'modelscope_cnclip', 'serve', str(tmp_path / 'missing'), '--port', '0'],
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 2 and 'cnclip serve: error:' in r.stderr and 'missing' in r.stderr
+
+
+def test_exported_models_serve_too(tmp_path, plugin_vit_dir, settings, pictures, images):
+    pytest.importorskip('onnxruntime')
+    from modelscope_cnclip.deploy import export
+    out = export(plugin_vit_dir, tmp_path / 'onnx').out
+    exported = load(out, backend='onnxruntime')
+    with running(create_app(ModelSpec(out, {'backend': 'onnxruntime'}).build(settings), settings)) as url:
+        r = httpx.post(url + '/v1/embeddings', json={'input': TEXTS[:2]})
+        assert np.abs(np.float32([d['embedding'] for d in r.json()['data']]) - exported.encode_text(TEXTS[:2]).numpy()
+                      ).max() < 1e-6
+        r = httpx.post(url + '/v1/embeddings', json={'input': [data_uri(pictures[0])], 'modality': 'image'})
+        assert np.abs(np.float32(r.json()['data'][0]['embedding']) - exported.encode_image([images[0]])[0].numpy()
+                      ).max() < 1e-6
+        assert httpx.get(url + '/v1/models').json()['data'][0]['backend'] == 'onnxruntime'
+
+
+def test_an_index_from_another_model_is_refused(tmp_path, tiny_model, images, settings):
+    from modelscope_cnclip.index import Index
+    other = {**tiny_model.info(), 'fingerprint': '0' * 16}
+    index = Index.from_arrays(['a', 'b', 'c'], tiny_model.encode_image(images).numpy(), meta={'model': other})
+    index.save(tmp_path / 'other.index')
+    with pytest.raises(ValueError, match='fingerprint|another model|different model'):
+        ModelSpec(str(tiny_model.source), index=str(tmp_path / 'other.index')).build(settings)
+
+
+def test_a_fault_in_the_model_is_a_500_without_details(tiny_model, settings, monkeypatch):
+    service = EmbeddingService(tiny_model, settings)
+    with running(create_app(service, settings)) as url:
+        def broken(texts):
+            raise RuntimeError('secret internals /srv/models')
+        monkeypatch.setattr(service, '_encode_texts', broken)
+        err = error_of(httpx.post(url + '/v1/embeddings', json={'input': ['x']}), 500)
+        assert err['code'] == 'internal' and 'incident' in err['message'] and 'secret' not in err['message']
+        monkeypatch.undo()
+        assert httpx.post(url + '/v1/embeddings', json={'input': ['x']}).status_code == 200
 
 
 # --- batching  -------------------------------------------------------------------------------------------------------

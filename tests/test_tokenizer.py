@@ -18,6 +18,9 @@ def test_tokenizer_reference_ids_truncation_and_padding():
     assert tok([long], context_length=77)['input_ids'].shape == (1, 77)
     assert tok(['猫', '小狗'])['input_ids'].shape == (2, 4)  # padded to the longest
     assert tok.tokenize('Hello世界') == ['hello', '世', '界']
+    texts = [long, '猫', '过年喜庆对联', ' ']
+    assert tok.num_tokens(texts) == tok(texts)['attention_mask'].sum(1).tolist() == [52, 3, 8, 2]
+    assert tok.num_tokens(long, context_length=77) == [77]
 
 
 def test_tokenizer_errors(tmp_path):

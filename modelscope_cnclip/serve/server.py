@@ -65,6 +65,8 @@ def serve_local(spec: ModelSpec, settings: ServeSettings, *, ready: Callable[[An
                 server.should_exit = True
                 return
             if state.service is not None and server.started:
+                port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
+                logger.warning('ready: http://%s:%d (model %s)', settings.host, port, spec.source)
                 if ready is not None:
                     ready(server)
                 return

@@ -192,7 +192,7 @@ class EmbeddingService:
 
     def count_tokens(self, texts: list[str]) -> int:
         """Tokens the model reads for ``texts`` (with [CLS]/[SEP], capped at the context length): ``usage``."""
-        return int(self.model.tokenizer(texts)['attention_mask'].sum()) if texts else 0
+        return sum(self.model.tokenizer.num_tokens(texts)) if texts else 0
 
     def close(self) -> None:
         for processor in (self._text_batch, self._image_batch):
