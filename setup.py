@@ -41,10 +41,15 @@ EXTRAS = {
     # (uvicorn[standard]: httptools and uvloop, several times faster per request than the pure-Python defaults)
     'serve': ['fastapi>=0.110', 'uvicorn[standard]>=0.29', 'batched>=0.1.4', 'prometheus_client>=0.20', 'httpx>=0.27',
               'ray[serve]>=2.9'],
+    # cnclip demo and the studio app (Gradio); notebook pictures need only PIL
+    'demo': ['gradio>=5'],
 }
 # six: lets the tests load --to hub output with ModelScope's built-in CLIP class.
 EXTRAS['test'] = ['pytest>=7', 'six', *EXTRAS['train'], *EXTRAS['index'], *EXTRAS['video'], *EXTRAS['ray'],
-                  *EXTRAS['export'], *EXTRAS['serve'], 'openai>=1.0']
+                  *EXTRAS['export'], *EXTRAS['serve'], *EXTRAS['demo'], 'openai>=1.0',
+                  # the browser test drives the system's Chromium (apt-get install chromium fonts-noto-cjk); the
+                  # example notebook runs in a Jupyter kernel
+                  'playwright>=1.40', 'nbclient>=0.9', 'nbformat>=5', 'ipykernel>=6']
 EXTRAS['all'] = sorted({req for name, reqs in EXTRAS.items() if name != 'test' for req in reqs})
 
 setup(

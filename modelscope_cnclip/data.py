@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 __all__ = ['TextRecord', 'OfficialSplit', 'open_split', 'split_form', 'split_forms', 'parse_id', 'id_key',
            'canonical_id', 'read_jsonl', 'read_texts_jsonl', 'write_official_split', 'make_synthetic_split',
-           'LmdbSplit', 'write_lmdb_split']
+           'draw_scene', 'LmdbSplit', 'write_lmdb_split']
 
 logger = logging.getLogger(__name__)
 
@@ -451,6 +451,20 @@ def _draw(color: tuple, shape: str, x: float, size: int, rng: random.Random) -> 
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
     return img
+
+
+def draw_scene(color: str, shape: str, place: str = '左边', *, size: int = 64, seed: int = 0) -> Image.Image:
+    """One picture of the generated dataset (:func:`make_synthetic_split`): a ``color`` (one of :data:`COLORS`,
+    e.g. ``'红色'``) ``shape`` (``'圆形'``, ``'正方形'``, ``'三角形'``) on the ``place`` side (``'左边'`` / ``'右边'``),
+    ``size`` x ``size`` RGB; ``seed`` varies the background and jitter.
+
+    Raises:
+        ValueError: a name not among the dataset's colours, shapes or places.
+    """
+    for name, value, known in (('color', color, COLORS), ('shape', shape, SHAPES), ('place', place, PLACES)):
+        if value not in known:
+            raise ValueError(f'{name}={value!r}: choose one of {list(known)}')
+    return _draw(COLORS[color], shape, PLACES[place], size, random.Random(seed))
 
 
 def make_synthetic_split(data_dir: str | Path, split: str, n_images: int, seed: int = 0,

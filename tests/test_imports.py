@@ -18,9 +18,9 @@ from helpers import REPO
 PKG = Path(modelscope_cnclip.__file__).parent
 HEAVY = ('torch', 'transformers', 'modelscope', 'PIL', 'numpy', 'faiss', 'ray', 'decord', 'av', 'onnx', 'onnxruntime',
          'openvino', 'nncf', 'tensorrt', 'fastapi', 'starlette', 'uvicorn', 'batched', 'prometheus_client', 'httpx',
-         'pydantic')
+         'pydantic', 'gradio')
 EXTRAS = {'faiss', 'ray', 'decord', 'av', 'onnx', 'onnxruntime', 'openvino', 'nncf', 'tensorrt', 'fastapi', 'starlette',
-          'uvicorn', 'batched', 'prometheus_client', 'httpx'}
+          'uvicorn', 'batched', 'prometheus_client', 'httpx', 'gradio'}
 
 # Bottom to top; a module may import its own layer and the layers below, never one above.
 LAYERS = [
@@ -34,6 +34,7 @@ LAYERS = [
     {'evaluation'},
     {'deploy'},
     {'serve'},
+    {'demo'},
     {'train'},
     {'ms'},
     {'cli', '__main__'},
@@ -77,7 +78,8 @@ def _library_modules() -> list[str]:
 def test_no_library_module_imports_modelscope():
     modules = _library_modules()
     assert {'modelscope_cnclip.jobs.ray_engine', 'modelscope_cnclip.deploy.exporter',
-            'modelscope_cnclip.runtime.tensorrt', 'modelscope_cnclip.serve.app'} <= set(modules)
+            'modelscope_cnclip.runtime.tensorrt', 'modelscope_cnclip.serve.app', 'modelscope_cnclip.demo.app'
+            } <= set(modules)
     got = imported_after('import importlib\n' + '\n'.join(f'importlib.import_module({m!r})' for m in modules))
     assert 'modelscope' not in got and not EXTRAS & got  # extras load on first use
 
