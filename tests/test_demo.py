@@ -247,6 +247,36 @@ def test_app_in_a_real_browser(trained_demo, shapes_gallery, not_an_image, tmp_p
         assert (tmp_path / f'{name}.png').stat().st_size > 10_000
 
 
+def test_cnclip_demo_command_serves_a_gallery(plugin_vit_dir, shapes_gallery, tmp_path):
+    pytest.importorskip('gradio')
+    import subprocess
+    import time
+    import urllib.request
+    port = free_port()
+    cmd = [sys.executable, '-m', 'modelscope_cnclip', 'demo', str(plugin_vit_dir), '--gallery', str(shapes_gallery),
+           '--cache-dir', str(tmp_path / 'cache'), '--port', str(port)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'GRADIO_ANALYTICS_ENABLED': 'False'})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, 'the demo did not start'
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=2) as r:
+                    if r.status == 200 and 'Chinese CLIP' in r.read().decode('utf-8', 'replace'):
+                        break
+            time.sleep(0.3)
+        assert (tmp_path / 'cache' / 'galleries').is_dir()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    r = subprocess.run(cmd[:7] + ['--index', 'x'], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'exclude each other' in r.stderr
+    r = subprocess.run(cmd[:5] + ['--index', str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'not an index dir' in r.stderr
+
+
 # --- the studio example and the notebook -----------------------------------------------------------------------------
 
 def test_studio_example_builds_the_app(plugin_vit_dir, shapes_gallery, tmp_path, monkeypatch):

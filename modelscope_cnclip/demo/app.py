@@ -211,7 +211,8 @@ def build_demo(model: CNClip, index: Index | None = None, *, title: str = 'Chine
                 query = gr.Textbox(label='查询 (query)', placeholder='例如：海边的日落', scale=4, elem_id='query')
                 k_text = gr.Slider(1, 50, value=top_k, step=1, label='top-k', scale=1)
             go = gr.Button('搜索 (search)', variant='primary', elem_id='search-button')
-            results = gr.Gallery(label='结果 (id · score)', columns=4, height='auto', elem_id='text-results')
+            results = gr.Gallery(label='结果 (id · score)', columns=4, height='auto', format='jpeg',
+                                 elem_id='text-results')
             go.click(guarded(demo.search_text), [query, k_text], results, api_name='search_text')
             query.submit(guarded(demo.search_text), [query, k_text], results, api_name=False)
         with gr.Tab('图搜图', id='image-search'):
@@ -219,7 +220,8 @@ def build_demo(model: CNClip, index: Index | None = None, *, title: str = 'Chine
                 query_image = checked_image(label='查询图片 (query image)', elem_id='query-image')
                 k_image = gr.Slider(1, 50, value=top_k, step=1, label='top-k')
             go_image = gr.Button('搜索 (search)', variant='primary', elem_id='image-search-button')
-            image_results = gr.Gallery(label='结果 (id · score)', columns=4, height='auto', elem_id='image-results')
+            image_results = gr.Gallery(label='结果 (id · score)', columns=4, height='auto', format='jpeg',
+                                       elem_id='image-results')
             go_image.click(guarded(demo.search_image), [query_image, k_image], image_results, api_name='search_image')
         with gr.Tab('零样本分类', id='zeroshot'):
             with gr.Row():
