@@ -453,25 +453,26 @@ def _serve(args: argparse.Namespace) -> int:
          *LOADED_MODEL,
          arg('--gallery', help='a folder of photos: indexed once (progress bar), reused while it is unchanged'),
          arg('--index', help='an index dir built before (`cnclip index build`) instead of --gallery'),
-         arg('--cache-dir',
+         arg('--cache',
              help='where gallery indexes are kept (default $CNCLIP_CACHE or ~/.cache/modelscope_cnclip)'),
          arg('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)'),
          arg('--port', type=int, default=7860, help='port (default 7860)'),
          arg('--top-k', type=_positive_int, default=12, help='results shown by default (default 12)'),
          arg('--title', default='Chinese CLIP 图文检索', help='page title'))
 def _demo(args: argparse.Namespace) -> int:
-    from modelscope_cnclip.demo.app import build_demo, gallery_index
+    from modelscope_cnclip.demo.app import MAX_UPLOAD, build_demo, gallery_index
     if args.gallery and args.index:
         raise ValueError('--gallery and --index exclude each other: a folder of photos, or an index built before')
     model = _load(args)
     index = None
     if args.gallery:
-        index = gallery_index(model, args.gallery, cache_dir=args.cache_dir, progress=True)
+        index = gallery_index(model, args.gallery, cache_dir=args.cache, progress=True)
     elif args.index:
         from modelscope_cnclip.index import Index
         index = Index.load(args.index)
     app = build_demo(model, index, title=args.title, top_k=args.top_k)
-    app.launch(server_name=args.host, server_port=args.port)  # results are sent as thumbnails: no file access
+    # results are sent as thumbnails (no file access); uploads above max_file_size are refused by Gradio itself
+    app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
     return 0
 
 

@@ -112,6 +112,16 @@ def test_bad_input_gets_a_message(demo, not_an_image, call, message):
     assert str(not_an_image.parent) not in str(e.value)  # the server's temp paths stay hidden
 
 
+def test_an_exported_model_runs_the_demo(plugin_vit_dir, shapes_gallery, tmp_path, tiny_model):
+    pytest.importorskip('onnxruntime')
+    from modelscope_cnclip import load
+    from modelscope_cnclip.deploy import export
+    exported = load(export(plugin_vit_dir, tmp_path / 'onnx').out)
+    index = gallery_index(tiny_model, shapes_gallery, cache_dir=tmp_path / 'cache')  # built with the torch model
+    ours = Demo(exported, index).search_text('红色的圆形', 3)
+    assert [c for _, c in ours] == [c for _, c in Demo(tiny_model, index).search_text('红色的圆形', 3)]
+
+
 def test_search_without_a_gallery(tiny_model):
     with pytest.raises(DemoInputError, match='--gallery'):
         Demo(tiny_model).search_text('猫')
@@ -254,7 +264,7 @@ def test_cnclip_demo_command_serves_a_gallery(plugin_vit_dir, shapes_gallery, tm
     import urllib.request
     port = free_port()
     cmd = [sys.executable, '-m', 'modelscope_cnclip', 'demo', str(plugin_vit_dir), '--gallery', str(shapes_gallery),
-           '--cache-dir', str(tmp_path / 'cache'), '--port', str(port)]
+           '--cache', str(tmp_path / 'cache'), '--port', str(port)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, 'GRADIO_ANALYTICS_ENABLED': 'False'})
     try:

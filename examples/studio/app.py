@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from modelscope_cnclip import load
-from modelscope_cnclip.demo.app import build_demo, gallery_index
+from modelscope_cnclip.demo.app import MAX_UPLOAD, build_demo, gallery_index
 
 HERE = Path(__file__).resolve().parent
 MODEL = os.environ.get('CNCLIP_MODEL', 'damo/multi-modal_clip-vit-base-patch16_zh')
@@ -20,4 +20,4 @@ index = gallery_index(model, GALLERY, cache_dir=HERE / '.cache') if GALLERY.is_d
 demo = build_demo(model, index, title='Chinese CLIP 图文检索')
 
 if __name__ == '__main__':
-    demo.launch(server_name='0.0.0.0', server_port=int(os.environ.get('PORT', 7860)))
+    demo.launch(server_name='0.0.0.0', server_port=int(os.environ.get('PORT', 7860)), max_file_size=MAX_UPLOAD)

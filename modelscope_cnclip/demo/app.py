@@ -31,6 +31,7 @@ DEFAULT_LABELS = '猫, 狗, 汽车, 花, 山, 大海, 城市夜景, 食物'
 DEFAULT_TEMPLATE = '一张{}的照片'
 DEFAULT_TEXTS = '杰尼龟\n妙蛙种子\n小火龙\n皮卡丘'
 THUMBNAIL = 256
+MAX_UPLOAD = '50mb'  # launch(max_file_size=...): Gradio refuses larger uploads before the app sees them
 CACHE_ENV = 'CNCLIP_CACHE'
 
 
