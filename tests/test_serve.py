@@ -605,6 +605,14 @@ def test_ray_serve_replicas(plugin_vit_dir, tiny_model):
                 if httpx.get(url + '/health', timeout=5).status_code == 200:
                     break
             time.sleep(0.5)
+        from ray import serve
+
+        def running() -> int:
+            app = serve.status().applications.get('cnclip')
+            return app.deployments['cnclip'].replica_states.get('RUNNING', 0) if app else 0
+        while running() < 2:  # both replicas up (each loads its own model; a busy machine takes a while)
+            assert time.monotonic() < deadline, serve.status()
+            time.sleep(0.5)
         expected = tiny_model.encode_text(TEXTS).numpy()
         with ThreadPoolExecutor(8) as pool:
             rs = list(pool.map(lambda i: httpx.post(url + '/v1/embeddings', json={'input': [TEXTS[i % 8]]},
@@ -615,8 +623,7 @@ def test_ray_serve_replicas(plugin_vit_dir, tiny_model):
         assert httpx.post(url + '/v1/embeddings', json={'input': 'x'}).status_code == 401
         assert error_of(httpx.post(url + '/v1/embeddings', content=b'{', headers=headers), 400)['code'] == \
             'invalid_json'
-        from ray import serve
-        assert serve.status().applications['cnclip'].deployments['cnclip'].replica_states.get('RUNNING') == 2
+        assert running() == 2
     finally:
         stop.set()
         thread.join(120)

@@ -34,7 +34,7 @@ from modelscope_cnclip.data import LmdbSplit, id_key, open_split, parse_id, read
 from modelscope_cnclip.inference import CNClip
 from modelscope_cnclip.jobs.collection import Collection, Item
 from modelscope_cnclip.jobs.shards import embed_items
-from modelscope_cnclip.utils import default_threads
+from modelscope_cnclip.utils import atomic_write_bytes, default_threads
 
 __all__ = ['retrieval_metrics', 'inbatch_recall', 'topk_hits', 'rank_both', 'evaluate_split', 'evaluate_pairs',
            'embed_image_stream', 'topk_predictions', 'write_predictions', 't2i_to_i2t', 'score_predictions']
@@ -436,10 +436,9 @@ def topk_predictions(scores: torch.Tensor, query_ids: Sequence[Hashable], candid
 
 
 def _write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'w', encoding='utf-8') as f:
-        for rec in records:
-            f.write(json.dumps(rec) + '\n')  # the official scripts' json.dumps defaults
+    """Written atomically: a reader (or a crash) never sees half a prediction file."""
+    text = ''.join(json.dumps(rec) + '\n' for rec in records)  # the official scripts' json.dumps defaults
+    atomic_write_bytes(path, text.encode('utf-8'))
     return path
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from modelscope_cnclip.config import DEFAULT_BATCH, RESOURCES
 from modelscope_cnclip.transform import load_image
-from modelscope_cnclip.utils import default_threads
+from modelscope_cnclip.utils import atomic_write_bytes, default_threads
 
 __all__ = ['IMG_EXTENSIONS', 'template_sets', 'templates', 'templates_for_dataset', 'read_classnames',
            'preprocess_text', 'ImageFolder', 'zeroshot_classifier', 'classify', 'evaluate_zeroshot',
@@ -323,7 +323,6 @@ def elevater_output(model: Any, dataset: str, logits: torch.Tensor, save_dir: st
     text = json.dumps(json.loads(json.dumps(output), parse_float=lambda x: round(float(x), 6)))
     if save_dir is not None:
         path = Path(save_dir) / f'{dataset}.json'
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding='utf-8')
+        atomic_write_bytes(path, text.encode('utf-8'))
         logger.info('wrote %s', path)
     return text
