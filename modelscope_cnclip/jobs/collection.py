@@ -142,8 +142,19 @@ def _table_rows(path: Path) -> list[dict[str, Any]]:
             rows.append({**row, '_line': n})
         return rows
     delimiter = '\t' if path.suffix == '.tsv' else ','
+    rows = []
     with open(path, encoding='utf-8-sig', newline='') as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
-        return [{**row, '_line': n} for n, row in enumerate(csv.DictReader(f, delimiter=delimiter), 2)]
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            for row in reader:
+                if None in row:  # DictReader files surplus fields under None
+                    raise ValueError(f'{path}:{reader.line_num}: {len(reader.fieldnames or []) + len(row[None])} '
+                                     f'fields, but the header names {len(reader.fieldnames or [])}; quote values '
+                                     f'that contain {delimiter!r}')
+                rows.append({**row, '_line': reader.line_num})
+        except csv.Error as e:
+            raise ValueError(f'{path}:{reader.line_num}: not a readable {path.suffix[1:]} row ({e})') from None
+    return rows
 
 
 def _table_items(path: Path, modality: str, columns: Mapping[str, str], root: Path | None) -> tuple[list[Item], str]:

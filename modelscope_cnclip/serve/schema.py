@@ -83,7 +83,7 @@ def _fields(data: Any, spec: dict[str, tuple[tuple[type, ...], Any]]) -> dict[st
     out = {}
     for name, (types, default) in spec.items():
         value = data.get(name, default)
-        if value is _MISSING:
+        if value is _MISSING or (value is None and default is _MISSING):
             raise ApiError(400, f'{name!r} is required', param=name, code='invalid_request')
         if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
             wanted = ' or '.join('array' if t is list else 'string' if t is str else t.__name__ for t in types)
