@@ -49,7 +49,9 @@ EXTRAS['test'] = ['pytest>=7', 'six', *EXTRAS['train'], *EXTRAS['index'], *EXTRA
                   *EXTRAS['export'], *EXTRAS['serve'], *EXTRAS['demo'], 'openai>=1.0',
                   # the browser test drives the system's Chromium (apt-get install chromium fonts-noto-cjk); the
                   # example notebook runs in a Jupyter kernel
-                  'playwright>=1.40', 'nbclient>=0.9', 'nbformat>=5', 'ipykernel>=6']
+                  'playwright>=1.40', 'nbclient>=0.9', 'nbformat>=5', 'ipykernel>=6',
+                  # property-based tests of everything that reads untrusted input
+                  'hypothesis>=6']
 EXTRAS['all'] = sorted({req for name, reqs in EXTRAS.items() if name != 'test' for req in reqs})
 
 setup(

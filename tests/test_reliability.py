@@ -214,6 +214,20 @@ def test_configuration_json_plugins_and_remote_code_are_not_executed(tmp_path, p
     assert not (tmp_path / 'owned').exists() and 'evil_plugin' not in sys.modules
 
 
+@pytest.mark.parametrize('backend', ['onnxruntime', 'openvino'])
+def test_a_truncated_or_corrupt_graph_is_a_clear_error(backend, plugin_vit_dir, tmp_path, photo):
+    pytest.importorskip(backend)
+    from modelscope_cnclip.deploy import export
+    out = Path(export(plugin_vit_dir, tmp_path / 'onnx').out)
+    graph = out / 'image.onnx'
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r'image\.onnx: .*cannot read this graph .*truncated or corrupt.*export'):
+        load(out, backend=backend).encode_image([photo])
+    graph.write_bytes(b'\x00' * 100)
+    with pytest.raises(ValueError, match='cannot read this graph'):
+        load(out, backend=backend).encode_image([photo])
+
+
 # --- concurrency -----------------------------------------------------------------------------------------------------
 
 def test_one_model_from_8_threads_gives_the_sequential_embeddings(tiny_model, images, photo):

@@ -170,6 +170,13 @@ def _num_threads() -> int:
 
 # --- runners: one tower's graph on one runtime; numpy in, numpy out --------------------------------------------------
 
+def _unreadable(path: Path, runtime: str, error: BaseException) -> ValueError:
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    size = path.stat().st_size if path.exists() else 0
+    return ValueError(f'{path}: {runtime} cannot read this graph ({size:,} bytes; truncated or corrupt?): {first}; '
+                      f'export the model again (cnclip export)')
+
+
 class OrtTower:
     """One tower's graph on ONNX Runtime (CPU, or CUDA): numpy array in, ``(B, D)`` float32 array out."""
 
@@ -185,7 +192,10 @@ class OrtTower:
         options = ort.SessionOptions()
         options.intra_op_num_threads = _num_threads()
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+            raise _unreadable(path, 'ONNX Runtime', e) from None
         self.input, self.output = IO_NAMES[tower]
         self.providers = self.session.get_providers()
 
@@ -203,7 +213,11 @@ class OpenVINOTower:
                              f"device='cpu', or use backend='onnxruntime' or 'tensorrt' on a GPU")
         core = ov.Core()
         # OpenVINO's CPU plugin defaults to bf16 where the CPU has it: ask for fp32 explicitly on the exact path.
-        self.compiled = core.compile_model(core.read_model(str(path)), 'CPU', {
+        try:
+            model = core.read_model(str(path))
+        except RuntimeError as e:
+            raise _unreadable(path, 'OpenVINO', e) from None
+        self.compiled = core.compile_model(model, 'CPU', {
             'INFERENCE_PRECISION_HINT': hint, 'INFERENCE_NUM_THREADS': _num_threads(),
             'PERFORMANCE_HINT': 'LATENCY'})
         self.request = self.compiled.create_infer_request()
