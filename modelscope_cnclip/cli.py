@@ -491,7 +491,9 @@ def _demo(args: argparse.Namespace) -> int:
          arg('--grad-checkpointing', action='store_true', help='less activation memory, more compute'), SKIP_ERRORS,
          arg('--amp', choices=('bf16', 'fp16'), help='mixed precision: bf16 (CPU or GPU) or fp16 (GPU)'),
          arg('--accum-freq', type=_positive_int, default=1,
-             help='run each batch in this many chunks, keeping the whole batch as negatives (cached features)'))
+             help='run each batch in this many chunks, keeping the whole batch as negatives (cached features)'),
+         arg('--resume', action='store_true',
+             help='continue from the newest complete epoch checkpoint in the work dir (after a crash or kill)'))
 def _train(args: argparse.Namespace) -> int:
     from modelscope.trainers import build_trainer
 
@@ -509,7 +511,13 @@ def _train(args: argparse.Namespace) -> int:
         eval_dataset=args.eval_data or args.data, cfg_overrides=overrides, device=args.device,
         mask_ratio=args.mask_ratio, freeze_vision=args.freeze_vision, grad_checkpointing=args.grad_checkpointing,
         skip_errors=args.skip_errors, accum_freq=args.accum_freq, amp=args.amp))
-    trainer.train()
+    checkpoint = None
+    if args.resume:
+        from modelscope_cnclip.train import latest_checkpoint
+        checkpoint = latest_checkpoint(trainer.work_dir)
+        logging.getLogger(__name__).warning('resuming from %s' if checkpoint else 'nothing to resume in %s%s',
+                                            checkpoint or trainer.work_dir, '' if checkpoint else ': starting')
+    trainer.train(checkpoint_path=str(checkpoint) if checkpoint else None)
     print(json.dumps(trainer.evaluate()))
     return 0
 

@@ -324,3 +324,53 @@ def test_an_index_build_killed_leaves_no_index_or_the_whole_one(plugin_vit_dir, 
     got = Index.load(tmp_path / 'index')
     q = want.faiss_index.reconstruct(0)[None]
     assert [h.id for h in got.search(q, 5)[0]] == [h.id for h in want.search(q, 5)[0]]
+
+
+def _train_cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, '-m', 'modelscope_cnclip', 'train', str(model), '--data', str(data), '--out', str(out),
+            '--max-epochs', '4', '--batch-size', '32', '--loader-workers', '0', *extra]
+
+
+def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
+    from modelscope_cnclip.train import latest_checkpoint
+    assert latest_checkpoint(tmp_path) is None and latest_checkpoint(tmp_path / 'missing') is None
+    for n in (1, 2, 3):
+        torch.save({'w': torch.ones(100)}, tmp_path / f'epoch_{n}.pth')
+        torch.save({'s': torch.ones(100)}, tmp_path / f'epoch_{n}_trainer_state.pth')
+    assert latest_checkpoint(tmp_path).name == 'epoch_3.pth'
+    state = tmp_path / 'epoch_3_trainer_state.pth'
+    state.write_bytes(state.read_bytes()[:200])  # killed while saving
+    assert latest_checkpoint(tmp_path).name == 'epoch_2.pth'
+    (tmp_path / 'epoch_2.pth').write_bytes(b'')
+    assert latest_checkpoint(tmp_path).name == 'epoch_1.pth'
+
+
+@pytest.mark.slow
+def test_training_killed_at_random_points_resumes_to_the_same_model(tmp_path, plugin_vit_dir):
+    from modelscope_cnclip.data import make_synthetic_split
+    from modelscope_cnclip.train import latest_checkpoint
+    make_synthetic_split(tmp_path / 'data', 'train', 128, seed=1)
+    make_synthetic_split(tmp_path / 'data', 'valid', 16, seed=2)
+    subprocess.run(_train_cmd(plugin_vit_dir, tmp_path / 'data', tmp_path / 'full'), check=True, cwd=REPO,
+                   timeout=600, capture_output=True)
+    out = tmp_path / 'killed'
+    rng = np.random.default_rng(1)
+    landed = []
+    for _ in range(3):  # three kills at random moments (a checkpoint or a save may be in progress), then to the end
+        proc = subprocess.Popen(_train_cmd(plugin_vit_dir, tmp_path / 'data', out, '--resume'), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start = time.monotonic()
+        while proc.poll() is None and latest_checkpoint(out) is None and time.monotonic() - start < 120:
+            time.sleep(0.05)  # past the start-up: kill while it trains
+        time.sleep(float(rng.uniform(0.0, 2.0)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            landed.append(latest_checkpoint(out))
+        proc.wait()
+    subprocess.run(_train_cmd(plugin_vit_dir, tmp_path / 'data', out, '--resume'), check=True, cwd=REPO,
+                   timeout=600, capture_output=True)
+    assert any(p is not None for p in landed), landed  # the kills landed mid-training
+    from safetensors.torch import load_file
+    want, got = load_file(tmp_path / 'full' / 'output' / 'model.safetensors'), load_file(
+        out / 'output' / 'model.safetensors')
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -41,12 +41,30 @@ _EVAL_HOOKS = ('EvaluationHook', 'BestCkptSaverHook')
 
 
 class _SamplerEpochHook(Hook):
-    """Tell the train sampler which epoch starts (also after a resume), for a reproducible order."""
+    """Tell the train sampler which epoch starts (also after a resume), for a reproducible order; and seed the
+    random generators from (seed, epoch, rank), so an epoch's dropout and masking do not depend on what ran before
+    it. ModelScope restores the generators it saved only at the first step of a resumed run, after the epoch's data
+    loader has already drawn from them, so a run resumed from ``epoch_N.pth`` would otherwise drift from an
+    uninterrupted one as soon as the model has dropout."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
 
     def before_train_epoch(self, trainer: Any) -> None:
+        import random
+
+        import numpy as np
+        import torch
         sampler = getattr(trainer.train_dataloader, 'sampler', None)
         if hasattr(sampler, 'set_epoch'):
             sampler.set_epoch(trainer.epoch)
+        seed = (self.seed * 1_000_003 + trainer.epoch * 1009 + int(os.environ.get('RANK', 0))) % (2 ** 32)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # all devices
+        for hook in trainer.hooks:  # ModelScope's own restore would now undo this at the first step
+            if getattr(hook, 'need_load_rng_state', False):
+                hook.need_load_rng_state = False
 
 
 @HOOKS.register_module(module_name=CLAMP_HOOK_TYPE)
@@ -224,7 +242,7 @@ class CNClipTrainer(EpochBasedTrainer):
                              optimizers=optimizers, device=device, samplers=samplers, **kwargs)
         finally:
             model.model_dir = model_dir
-        self.register_hook(_SamplerEpochHook())
+        self.register_hook(_SamplerEpochHook(kwargs.get('seed', 42)))
         self.ddp_clip = None
         if torch.distributed.is_available() and torch.distributed.is_initialized() and not kwargs.get('launcher'):
             # Only the network is wrapped, so the ModelScope model (and what it saves) keeps plain names.
