@@ -423,6 +423,10 @@ def _replica_range(text: str) -> tuple[int, int]:
          arg('--decode-threads', type=int, default=0, help='image decoding threads (default: one per core, <= 8)'),
          arg('--drain-timeout', type=_non_negative_float, default=30.0,
              help='seconds in-flight requests may take after SIGTERM (default 30)'),
+         arg('--read-timeout', type=_non_negative_float, default=30.0,
+             help='seconds a client has to send its request body (default 30)'),
+         arg('--limit-concurrency', type=_positive_int, default=1024,
+             help='connections and requests at once; more get 503 (default 1024)'),
          arg('--engine', choices=('local', 'ray'), default='local',
              help='local: this process (default); ray: replicas on Ray Serve'),
          arg('--replicas', type=_positive_int, default=1, help='ray: replicas (default 1)'),
@@ -439,7 +443,15 @@ def _serve(args: argparse.Namespace) -> int:
                              max_items=args.max_items, max_body_bytes=args.max_body_mb * MiB,
                              max_text_chars=args.max_text_chars, allow_urls=args.allow_urls,
                              url_timeout_s=args.url_timeout, decode_threads=args.decode_threads,
-                             drain_timeout_s=args.drain_timeout)
+                             drain_timeout_s=args.drain_timeout, read_timeout_s=args.read_timeout,
+                             limit_concurrency=args.limit_concurrency)
+    if args.engine != 'ray':
+        ray_only = (('--replicas', args.replicas, 1), ('--autoscale', args.autoscale, None),
+                    ('--gpus-per-replica', args.gpus_per_replica, 0.0),
+                    ('--cpus-per-replica', args.cpus_per_replica, 1.0), ('--ray-address', args.ray_address, None))
+        given = [flag for flag, value, default in ray_only if value != default]
+        if given:
+            raise ValueError(f'{", ".join(given)} apply to --engine ray only')
     spec = ModelSpec(args.model, {'device': args.device, 'precision': args.precision, 'config': args.config,
                                   'backend': args.backend}, args.index)
     if args.engine == 'ray':

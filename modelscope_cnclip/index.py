@@ -566,9 +566,9 @@ class Index:
         if fingerprint != ours:
             raise ValueError(f'{self.path or "the index"} was built from embeddings of model '
                              f'{self.model.get("source")!r} (fingerprint {ours}), but the model given is '
-                             f'{source or "another model"} (fingerprint {fingerprint}); search it with the model '
-                             f'that built it (leave out --model / model=), or rebuild the index from embeddings '
-                             f'made by this model (`cnclip embed` then `cnclip index build`)')
+                             f'{source or "another model"} (fingerprint {fingerprint}); use it with the model that '
+                             f'built it (or its export), or rebuild the index from embeddings made by this model '
+                             f'(`cnclip embed` then `cnclip index build`)')
 
     # --- persistence --------------------------------------------------------------------------------------------
 

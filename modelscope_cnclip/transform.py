@@ -15,6 +15,7 @@ Two guards the reference lacks, both applied by :func:`load_image` to every inpu
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -108,9 +109,21 @@ def _describe(obj: Any) -> str:
     return repr(obj) if len(repr(obj)) < 200 else repr(obj)[:200] + '...'
 
 
+# Formats PIL decodes by running an external program (EPS/PostScript: Ghostscript, which would execute the file):
+# never opened, whoever sends the bytes.
+_UNSAFE_FORMATS = frozenset({'EPS'})
+
+
+@functools.lru_cache(maxsize=1)
+def _safe_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(f for f in Image.OPEN if f not in _UNSAFE_FORMATS)
+
+
 def _open_bytes(data: bytes, what: str, draft: int | None = None) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only; PIL warns between its limit and twice it
+        # reads the header only; PIL warns between its limit and twice it
+        img = Image.open(io.BytesIO(data), formats=_safe_formats())
         _check_size(img, what)  # ... and this refuses the image before it is decoded
         if draft:
             # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling), keeping both sides >= draft.

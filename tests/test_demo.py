@@ -63,6 +63,8 @@ def test_hits_grid_and_heatmap(images, photo):
         heatmap(probs, images, ['a', 'b', 'c'])
     with pytest.raises(ValueError, match='captions'):
         hits_grid(images, ['a'])
+    with pytest.raises(ValueError, match='more than 10000 cells'):
+        heatmap(np.zeros((3, 4000)), images, ['t'] * 4000)
 
 
 def test_split_labels():
@@ -103,6 +105,10 @@ def test_demo_functions(demo, shapes_gallery, images):
     (lambda d, bad: d.score([], '猫'), '请上传图片'),
     (lambda d, bad: d.score([str(bad)], '猫'), 'notes.png'),
     (lambda d, bad: d.score([str(next(iter(Path(bad).parent.glob('*.jpg'))))], ' \n '), '请输入文字'),
+    (lambda d, bad: d.score([str(next(iter(Path(bad).parent.glob('*.jpg'))))], '\n'.join(map(str, range(51)))),
+     'at most 50 texts'),
+    (lambda d, bad: d.classify(str(next(iter(Path(bad).parent.glob('*.jpg')))), ','.join(map(str, range(51)))),
+     'at most 50 labels'),
 ])
 def test_bad_input_gets_a_message(demo, not_an_image, call, message):
     (not_an_image.parent / 'bomb.png').write_bytes(bomb_png())

@@ -335,6 +335,12 @@ BAD = [  # (body, status, code, index)
     (json.dumps({'input': ['!!!'], 'modality': 'image'}).encode(), 400, 'invalid_image', 0),
     (json.dumps({'input': [data_uri(bomb_png())], 'modality': 'image'}).encode(), 413, 'image_too_large', 0),
     (b'{"input": "' + b'x' * (1 << 20) + b'"}', 413, 'body_too_large', None),
+    (b'{"input": ["x"], "dimensions": ' + b'9' * 5000 + b'}', 400, 'invalid_json', None),
+    (json.dumps({'input': None}).encode(), 400, 'invalid_request', None),
+    (json.dumps({'input': ['ok', '\u200b\ufeff', 'x']}).encode(), 400, 'empty_input', 1),
+    (json.dumps({'input': ['\u0000\u0001']}).encode(), 400, 'empty_input', 0),
+    (json.dumps({'input': ['data:image/png;base64,' + 'A' * 5000]}).encode(), 400, 'image_as_text', 0),
+    (json.dumps({'input': ['HTTP://127.0.0.1/x.png'], 'modality': 'image'}).encode(), 400, 'urls_disabled', 0),
 ]
 
 
@@ -347,6 +353,49 @@ def test_bad_input_is_a_4xx_naming_the_item(client, body, status, code, index):
         assert f'[{index}]' in err['message']
     if code == 'invalid_image' and b'/' in body[:40] and b'base64' not in body:
         assert 'never reads file paths' in err['message']
+
+
+def test_nulls_mean_defaults_and_schemes_ignore_case(client, tiny_model, pictures, images):
+    r = client.post('/v1/embeddings', json={'input': ['猫'], 'encoding_format': None, 'model': None,
+                                             'modality': None})
+    assert r.status_code == 200 and isinstance(r.json()['data'][0]['embedding'], list)
+    upper = 'DATA:IMAGE/PNG;BASE64,' + base64.b64encode(pictures[0]).decode()
+    r = client.post('/v1/embeddings', json={'input': [upper], 'modality': 'image'})
+    assert r.status_code == 200, r.text
+    assert error_of(client.post('/v1/search', json={'query': None}), 400)['param'] == 'query'
+    assert error_of(client.post('/v1/search', json={'query': 'x', 'top_k': None}), 404)['code'] == 'no_index'
+    err = error_of(client.post('/v1/embeddings', content=b'\x1f\x8b\x08\x00',
+                               headers={'content-encoding': 'gzip', 'content-type': 'application/json'}), 415)
+    assert 'gzip' in err['message']
+
+
+def test_rank_checks_every_input_before_embedding_any(tiny_model, settings, pictures):
+    service = EmbeddingService(tiny_model, settings)
+    embedded = []
+    with running(create_app(service, settings)) as url:
+        hook = service.on_batch
+        service.on_batch = lambda m, n: (embedded.append((m, n)), hook(m, n))
+        err = error_of(httpx.post(url + '/v1/rank', json={'image': 'bm9wZQ==', 'texts': ['a', 'b']}), 400)
+        assert err['param'] == 'image'
+        err = error_of(httpx.post(url + '/v1/rank', json={'text': 'a', 'images': ['bm9wZQ==']}), 400)
+        assert err['index'] == 0 and 'images[0]' in err['message']
+        err = error_of(httpx.post(url + '/v1/rank', json={'image': data_uri(pictures[0]), 'texts': ['a', '\u200b']}),
+                       400)
+        assert err['index'] == 1
+    assert embedded == []
+
+
+def test_models_shows_no_server_paths(tmp_path, tiny_model, images, settings):
+    from modelscope_cnclip.index import Index
+    index = Index.from_arrays(['a', 'b', 'c'], tiny_model.encode_image(images).numpy(),
+                              sources=[str(tmp_path / f'{i}.png') for i in range(3)],
+                              meta={'model': tiny_model.info(), 'root': str(tmp_path)})
+    with running(create_app(EmbeddingService(tiny_model, settings, index), settings)) as url:
+        text = httpx.get(url + '/v1/models').text
+        assert str(tmp_path) not in text and str(Path(tiny_model.source).parent) not in text
+        assert error_of(httpx.post(url + '/v1/embeddings', json={'input': 'x', 'model': tiny_model.source}), 404)
+        assert httpx.post(url + '/v1/embeddings', json={'input': 'x', 'model': Path(tiny_model.source).name}
+                          ).status_code == 200
 
 
 def test_bad_rank_and_search_requests(client, pictures):
@@ -389,6 +438,18 @@ def test_a_client_that_disconnects_does_not_stall_others(base, client, tiny_mode
     assert r.status_code == 200 and time.monotonic() - start < 10
     got = np.float32([d['embedding'] for d in r.json()['data']])
     assert np.abs(got - tiny_model.encode_text(TEXTS[:2]).numpy()).max() < 1e-5
+    assert 'code="internal"' not in client.get('/metrics').text  # a client leaving is not a server fault
+
+
+def test_a_body_that_never_arrives_gets_408(tiny_model):
+    settings = ServeSettings(read_timeout_s=1)
+    with running(create_app(EmbeddingService(tiny_model, settings), settings)) as url:
+        host, port = url.removeprefix('http://').split(':')
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b'POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"input"')
+            start = time.monotonic()
+            answer = s.recv(4096).decode()
+        assert answer.startswith('HTTP/1.1 408') and time.monotonic() - start < 5, answer
 
 
 # --- safety  ---------------------------------------------------------------------------------------------------------
@@ -403,6 +464,11 @@ def test_api_key(tiny_model, monkeypatch):
         assert httpx.get(url + '/metrics').status_code == 401
         r = httpx.post(url + '/v1/embeddings', json={'input': 'x'}, headers={'Authorization': 'Bearer s3cret'})
         assert r.status_code == 200
+        assert httpx.get(url + '/docs').status_code == 404 and httpx.get(url + '/openapi.json').status_code == 404
+    for bad in ('   ', ' padded ', '密钥'):
+        monkeypatch.setenv('CNCLIP_API_KEY', bad)
+        with pytest.raises(ValueError, match='printable ASCII'):
+            assert ServeSettings().key is None
     monkeypatch.setenv('CNCLIP_API_KEY', 'from-env')
     settings = ServeSettings()
     assert settings.key == 'from-env' and settings.to_dict()['api_key'] == '<set>'
@@ -414,7 +480,8 @@ def test_api_key(tiny_model, monkeypatch):
 
 @pytest.mark.parametrize('address', ['127.0.0.1', '10.1.2.3', '172.16.0.1', '192.168.1.1', '169.254.169.254',
                                      '100.64.0.1', '0.0.0.0', '224.0.0.1', '::1', 'fe80::1', 'fc00::1',
-                                     '::ffff:127.0.0.1', '::ffff:10.0.0.1'])
+                                     '::ffff:127.0.0.1', '::ffff:10.0.0.1', '64:ff9b::a9fe:a9fe', '64:ff9b:1::1',
+                                     '2002:7f00:1::', '::127.0.0.1', '::ffff:0:7f00:1', 'fec0::1'])
 def test_non_public_addresses_are_refused(address):
     assert not fetch.is_public_address(ipaddress.ip_address(address))
 
@@ -507,6 +574,11 @@ def test_image_urls_through_the_api(web, tiny_model, images, trust_127_0_0_1):
         err = error_of(httpx.post(url + '/v1/embeddings', json={'input': [web + '/cat.png', web + '/to-loopback'],
                                                                  'modality': 'image'}), 400)
         assert err['code'] == 'url_refused' and err['index'] == 1
+        err = error_of(httpx.post(url + '/v1/embeddings', json={'input': ['http://[::1/'], 'modality': 'image'}), 400)
+        assert err['code'] == 'url_refused' and 'not a valid URL' in err['message']
+        err = error_of(httpx.post(url + '/v1/embeddings', json={'input': [web + '/cat.png'] * 17,
+                                                                 'modality': 'image'}), 413)
+        assert err['code'] == 'too_many_urls'
 
 
 def test_request_parsing_is_plain_functions(settings):

@@ -347,3 +347,13 @@ def test_empty_images_lazy_bombs_and_uint16_tensors(tiny_model, photo, bomb):
         assert torch.equal(tiny_model.encode_image(v16), tiny_model.encode_image(gray8))
 
 
+
+
+def test_formats_that_run_external_programs_are_never_opened(tmp_path):
+    """EPS is decoded by running Ghostscript on the file: whoever sends one would run PostScript on the host."""
+    eps = b'%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n'
+    with pytest.raises(ValueError, match='not an image format that PIL reads'):
+        load_image(eps)
+    (tmp_path / 'x.eps').write_bytes(eps)
+    with pytest.raises(ValueError, match='not an image format'):
+        load_image(tmp_path / 'x.eps')

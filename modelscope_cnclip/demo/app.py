@@ -55,10 +55,11 @@ class Demo:
         max_images: images per scoring request.
     """
 
-    def __init__(self, model: CNClip, index: Index | None = None, *, max_images: int = 16) -> None:
+    def __init__(self, model: CNClip, index: Index | None = None, *, max_images: int = 16,
+                 max_texts: int = 50) -> None:
         if index is not None:
             index.check_model(model.fingerprint, model.source)
-        self.model, self.index, self.max_images = model, index, max_images
+        self.model, self.index, self.max_images, self.max_texts = model, index, max_images, max_texts
 
     # --- inputs ---
 
@@ -115,6 +116,8 @@ class Demo:
         names = split_labels(labels)
         if len(names) < 2:
             raise DemoInputError('请至少输入两个标签 (type at least two labels, separated by commas)')
+        if len(names) > self.max_texts:
+            raise DemoInputError(f'最多 {self.max_texts} 个标签 (at most {self.max_texts} labels at a time)')
         template = (template or '').strip() or '{}'
         if '{}' not in template:
             raise DemoInputError('模板里需要 {} 表示标签的位置 (the template needs {} where the label goes)')
@@ -132,6 +135,8 @@ class Demo:
         names = split_labels(texts.replace(',', '\n') if texts else '')
         if not names:
             raise DemoInputError('请输入文字，每行一个 (type one or more texts, one a line)')
+        if len(names) > self.max_texts:
+            raise DemoInputError(f'最多 {self.max_texts} 条文字 (at most {self.max_texts} texts at a time)')
         pil = [self._image(f, f'image {i + 1}') for i, f in enumerate(files)]
         probs = self.model.probabilities(pil, names).float().numpy()
         labels = [Path(f).name if isinstance(f, (str, os.PathLike)) else f'image {i + 1}' for i, f in enumerate(files)]
@@ -210,7 +215,7 @@ def build_demo(model: CNClip, index: Index | None = None, *, title: str = 'Chine
         with gr.Tab('文搜图', id='text-search'):
             with gr.Row():
                 query = gr.Textbox(label='查询 (query)', placeholder='例如：海边的日落', scale=4, elem_id='query')
-                k_text = gr.Slider(1, 50, value=top_k, step=1, label='top-k', scale=1)
+                k_text = gr.Slider(1, max(50, top_k), value=top_k, step=1, label='top-k', scale=1)
             go = gr.Button('搜索 (search)', variant='primary', elem_id='search-button')
             results = gr.Gallery(label='结果 (id · score)', columns=4, height='auto', format='jpeg',
                                  elem_id='text-results')
@@ -219,7 +224,7 @@ def build_demo(model: CNClip, index: Index | None = None, *, title: str = 'Chine
         with gr.Tab('图搜图', id='image-search'):
             with gr.Row():
                 query_image = checked_image(label='查询图片 (query image)', elem_id='query-image')
-                k_image = gr.Slider(1, 50, value=top_k, step=1, label='top-k')
+                k_image = gr.Slider(1, max(50, top_k), value=top_k, step=1, label='top-k')
             go_image = gr.Button('搜索 (search)', variant='primary', elem_id='image-search-button')
             image_results = gr.Gallery(label='结果 (id · score)', columns=4, height='auto', format='jpeg',
                                        elem_id='image-results')

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 FONT_ENV = 'CNCLIP_FONT'
+MAX_CELLS = 10_000  # a heat map of 100 x 100 is already ~10k px wide
 _FONT_FILES = ('NotoSansCJK-Regular.ttc', 'NotoSansCJKsc-Regular.otf', 'NotoSerifCJK-Regular.ttc',
                'wqy-microhei.ttc', 'wqy-zenhei.ttc', 'SourceHanSansSC-Regular.otf', 'msyh.ttc', 'simhei.ttf',
                'PingFang.ttc', 'Arial Unicode.ttf')
@@ -130,6 +131,9 @@ def heatmap(values: Any, images: Sequence[Any], texts: Sequence[str], *, title: 
     values = np.asarray(values.detach().cpu() if hasattr(values, 'detach') else values, dtype=np.float64)
     if values.shape != (len(images), len(texts)):
         raise ValueError(f'values of shape {values.shape} for {len(images)} images x {len(texts)} texts')
+    if len(images) * len(texts) > MAX_CELLS:
+        raise ValueError(f'{len(images)} images x {len(texts)} texts: more than {MAX_CELLS} cells to draw; '
+                         f'show fewer')
     shade = values if values.size == 0 or (values.min() >= 0 and values.max() <= 1) else (
         (values - values.min()) / max(values.max() - values.min(), 1e-12))
     fnt, small = font(max(12, cell // 7)), font(max(11, cell // 8))

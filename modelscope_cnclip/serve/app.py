@@ -17,7 +17,7 @@ import numpy as np
 
 from modelscope_cnclip.serve.schema import ApiError, parse_embeddings, parse_rank, parse_search, read_json
 from modelscope_cnclip.serve.service import EmbeddingService
-from modelscope_cnclip.serve.settings import ServeSettings
+from modelscope_cnclip.serve.settings import API_KEY_ENV, ServeSettings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -67,8 +67,21 @@ class _State:
         self.started = int(time.time())
 
 
-async def read_body(request: 'Request', limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+async def read_body(request: 'Request', limit: int, timeout: float = 30.0) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed), with 415 when
+    it is compressed, and with 408 when the client has not sent all of it within ``timeout`` seconds."""
+    import asyncio
+    encoding = request.headers.get('content-encoding', 'identity').strip().lower()
+    if encoding not in ('', 'identity'):
+        raise ApiError(415, f'Content-Encoding {encoding!r} is not supported: send the JSON uncompressed',
+                       code='unsupported_encoding')
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f'the request body did not arrive within {timeout:g} s', code='timeout') from None
+
+
+async def _read_body(request: 'Request', limit: int) -> bytes:
     declared = request.headers.get('content-length', '')
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f'request body of {int(declared):,} bytes is more than the limit of {limit:,}',
@@ -101,10 +114,13 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
     ``GET /metrics``. Errors are ``{"error": {"message", "type", "param", "code", "index"}}`` with a 4xx status
     (5xx only for faults on the server, logged there, never with a stack trace in the answer).
     """
+    import asyncio
+
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     settings = settings or ServeSettings()
     state, metrics = _State(), Metrics()
@@ -132,8 +148,12 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
         if state.service is not None:
             state.service.close()
 
+    # with a key, the API description is not published either (every route but /health needs the key)
+    docs = {} if key is None else {'docs_url': None, 'openapi_url': None}
     app = FastAPI(title='modelscope_cnclip', description='Chinese CLIP embeddings, ranking and search '
-                  '(OpenAI embeddings API)', lifespan=lifespan, docs_url='/docs', redoc_url=None)
+                  '(OpenAI embeddings API)', lifespan=lifespan, redoc_url=None, **docs)
+    logger.warning('authentication: %s', 'Bearer key required' if key else
+                   f'off (set {API_KEY_ENV} or --api-key to require a key)')
     app.state.cnclip = state
     app.state.metrics = metrics
 
@@ -143,8 +163,11 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
                            'the model is still loading; retry when GET /health answers 200', code='model_loading')
         return state.service
 
+    async def body(request: Request) -> Any:
+        return read_json(await read_body(request, settings.max_body_bytes, settings.read_timeout_s))
+
     def check_model(name: str | None, svc: EmbeddingService) -> str:
-        if name is None or name in (settings.model_name, svc.model.source):
+        if name is None or name in (settings.model_name, Path(svc.model.source).name):
             return settings.model_name
         raise ApiError(404, f'model {name!r} is not served here; this server serves {settings.model_name!r} '
                             f'(GET /v1/models)', param='model', code='model_not_found')
@@ -166,6 +189,15 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
                 authorize(request)
             result = await handler()
             response = result if isinstance(result, Response) else JSONResponse(result)
+        except ClientDisconnect:  # the client left mid-request: nobody to answer, nothing wrong here
+            metrics.errors.labels(route, 'client_disconnected').inc()
+            metrics.requests.labels(route, '499').inc()
+            return Response(status_code=499)
+        except asyncio.CancelledError:  # shutting down past the drain timeout
+            metrics.errors.labels(route, 'shutting_down').inc()
+            metrics.requests.labels(route, '503').inc()
+            return JSONResponse(ApiError(503, 'the server is shutting down; retry', code='shutting_down').to_dict(),
+                                status_code=503)
         except ApiError as e:
             metrics.errors.labels(route, e.code or str(e.status)).inc()
             headers = {'WWW-Authenticate': 'Bearer'} if e.status == 401 else None
@@ -184,7 +216,7 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
     async def embeddings(request: Request) -> Response:
         async def handle() -> dict[str, Any]:
             svc = ready()
-            req = parse_embeddings(read_json(await read_body(request, settings.max_body_bytes)), settings)
+            req = parse_embeddings(await body(request), settings)
             name = check_model(req.model, svc)
             vectors = await svc.embed(req.items, req.modality)
             tokens = svc.count_tokens(req.items) if req.modality == 'text' else 0
@@ -198,7 +230,7 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
     async def rank(request: Request) -> Response:
         async def handle() -> dict[str, Any]:
             svc = ready()
-            req = parse_rank(read_json(await read_body(request, settings.max_body_bytes)), settings)
+            req = parse_rank(await body(request), settings)
             name = check_model(req.model, svc)
             scores = await svc.rank(req.query, req.query_modality, req.candidates)
             return {'object': 'rank', 'model': name, 'query_modality': req.query_modality, **scores}
@@ -208,7 +240,7 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
     async def search(request: Request) -> Response:
         async def handle() -> dict[str, Any]:
             svc = ready()
-            req = parse_search(read_json(await read_body(request, settings.max_body_bytes)), settings)
+            req = parse_search(await body(request), settings)
             name = check_model(req.model, svc)
             hits = await svc.search(req.query, req.modality, req.top_k)
             return {'object': 'list', 'model': name, 'data': hits}
@@ -221,7 +253,10 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
             info = {'id': settings.model_name, 'object': 'model', 'created': state.started,
                     'owned_by': 'modelscope_cnclip', 'backend': 'torch', **svc.model.info(),
                     'source': Path(svc.model.source).name,  # not the server's directories
-                    'modalities': ['text', 'image'], 'index': svc.index.info() if svc.index is not None else None}
+                    'modalities': ['text', 'image'], 'index': None}
+            if svc.index is not None:  # without the server's directories
+                index = svc.index.info()
+                info['index'] = {k: index[k] for k in ('count', 'dim', 'kind', 'modality')}
             return {'object': 'list', 'data': [info]}
         return await answer('/v1/models', request, handle)
 
@@ -243,7 +278,7 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: 'not_found', 405: 'method_not_allowed'}.get(exc.status_code, 'http_error')
-        message = (f'no route {request.method} {request.url.path}; see GET /docs' if exc.status_code in (404, 405)
+        message = (f'no route {request.method} {request.url.path}' if exc.status_code in (404, 405)
                    else str(exc.detail))
         return JSONResponse(ApiError(exc.status_code, message, code=code).to_dict(), status_code=exc.status_code)
 

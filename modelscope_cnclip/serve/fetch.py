@@ -21,10 +21,21 @@ class UrlRefused(ValueError):
     """An image URL the server will not fetch (scheme, address, size, time, status); the message names it."""
 
 
+# IPv6 ranges that reach IPv4 hosts (NAT64, 6to4, IPv4-compatible) or are deprecated site-local: their targets
+# cannot be judged from the IPv6 address alone, so they are refused outright.
+_TRANSLATED = tuple(ipaddress.ip_network(n) for n in ('64:ff9b::/96', '64:ff9b:1::/48', '2002::/16', '::/96',
+                                                        'fec0::/10', '2001::/32', '::ffff:0:0:0/96'))
+
+
 def is_public_address(ip: IPAddress) -> bool:
-    """True for addresses on the public internet only (``ipaddress``'s ``is_global``, minus multicast)."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    """True for addresses on the public internet only (``ipaddress``'s ``is_global``, minus multicast); IPv4-mapped
+    IPv6 addresses are judged as their IPv4 address, and IPv6 ranges that translate to IPv4 (NAT64, 6to4, Teredo,
+    IPv4-compatible) or are site-local are refused."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif any(ip in net for net in _TRANSLATED):
+            return False
     return ip.is_global and not ip.is_multicast
 
 
@@ -67,7 +78,11 @@ def fetch_public(url: str, *, timeout: float = 10.0, max_bytes: int = 20 << 20, 
     original = url
     with httpx.Client(follow_redirects=False, trust_env=False, timeout=timeout) as client:
         for _ in range(max_redirects + 1):
-            parts = urlsplit(url)
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - raises ValueError for an invalid port
+            except ValueError as e:
+                raise UrlRefused(f'image URL {url!r}: not a valid URL ({e})') from None
             if parts.scheme not in ('http', 'https') or not parts.hostname:
                 raise UrlRefused(f'image URL {url!r}: only http(s) URLs with a host are fetched')
             if parts.username is not None or parts.password is not None:

@@ -69,6 +69,8 @@ def read_json(body: bytes) -> Any:
                        code='invalid_json') from None
     except RecursionError:
         raise ApiError(400, 'malformed JSON: nested too deeply', code='invalid_json') from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ApiError(400, f'malformed JSON: {e}', code='invalid_json') from None
 
 
 _MISSING = object()
@@ -78,12 +80,14 @@ def _fields(data: Any, spec: dict[str, tuple[tuple[type, ...], Any]]) -> dict[st
     """Check a JSON object against ``{name: (types, default)}`` (``_MISSING``: required); unknown fields are
     ignored, as OpenAI's API does (clients send ``user``, ...). ``bool`` is never an ``int`` here."""
     if not isinstance(data, dict):
-        raise ApiError(400, f'the request body must be a JSON object, not {type(data).__name__}',
+        raise ApiError(400, f'the request body must be a JSON object, not {_json_type(data)}',
                        code='invalid_request')
     out = {}
     for name, (types, default) in spec.items():
-        value = data.get(name, default)
-        if value is _MISSING or (value is None and default is _MISSING):
+        value = data.get(name)
+        if value is None:  # absent or null: the default
+            value = default
+        if value is _MISSING:
             raise ApiError(400, f'{name!r} is required', param=name, code='invalid_request')
         if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
             wanted = ' or '.join('array' if t is list else 'string' if t is str else t.__name__ for t in types)
@@ -129,13 +133,13 @@ def check_text(text: str, param: str, index: int | None, settings: ServeSettings
     where = f'{param}[{index}]' if index is not None else param
     if not text.strip():
         raise ApiError(400, f'{where}: empty text', param=param, index=index, code='empty_input')
+    if text[:len(IMAGE_URI_PREFIX)].lower() == IMAGE_URI_PREFIX and ';base64,' in text[:100].lower():
+        raise ApiError(400, f'{where} is an image data URI sent as text: set "modality": "image"', param=param,
+                       index=index, code='image_as_text')
     if len(text) > settings.max_text_chars:
         raise ApiError(413, f'{where}: {len(text):,} characters, more than the limit of {settings.max_text_chars:,} '
                             f'(the model reads only its first tokens anyway)', param=param, index=index,
                        code='text_too_long')
-    if text.startswith(IMAGE_URI_PREFIX) and ';base64,' in text[:100]:
-        raise ApiError(400, f'{where} is an image data URI sent as text: set "modality": "image"', param=param,
-                       index=index, code='image_as_text')
 
 
 def parse_embeddings(data: Any, settings: ServeSettings) -> EmbeddingsRequest:

@@ -38,23 +38,38 @@ class ModelSpec:
             options['device'] = device
         model = load(self.source, **options)
         index = Index.load(self.index) if self.index else None
-        return EmbeddingService(model, settings, index)
+        try:
+            return EmbeddingService(model, settings, index)
+        except ValueError as e:
+            raise ValueError(f'--index {self.index}: {e}') from None
 
 
 def serve_local(spec: ModelSpec, settings: ServeSettings, *, ready: Callable[[Any], None] | None = None) -> int:
     """Serve in this process until SIGTERM / SIGINT; in-flight requests are drained (up to
-    ``settings.drain_timeout_s``) before it exits. Returns 0; raises the loading error when the model (or index)
-    cannot be loaded, after stopping the server.
+    ``settings.drain_timeout_s``; requests still running then get 503) and the process then ends through the
+    signal, as uvicorn re-raises it (exit status 143 for SIGTERM). Returns 0 when stopped otherwise; raises the
+    loading error when the model (or index) cannot be loaded, after stopping the server.
 
     The port is bound at once; the model loads in the background (``GET /health``: 503 until it is ready).
     ``ready(server)`` is called with the uvicorn server once it listens (tests use it to read the bound port).
     """
+    import socket
+
     import uvicorn
 
     from modelscope_cnclip.serve.app import create_app
+    try:  # a clear error for a taken port or an unknown host, before anything is loaded
+        family = socket.AF_INET6 if ':' in settings.host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, settings.port))
+    except OSError as e:
+        raise OSError(f'cannot listen on {settings.host}:{settings.port} ({e.strerror or e}); choose another --port '
+                      f'or --host') from None
     app = create_app(lambda: spec.build(settings), settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level='warning', access_log=False,
-                            timeout_graceful_shutdown=settings.drain_timeout_s, lifespan='on')
+                            timeout_graceful_shutdown=settings.drain_timeout_s, lifespan='on',
+                            limit_concurrency=settings.limit_concurrency)
     server = uvicorn.Server(config)
     state = app.state.cnclip
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from modelscope_cnclip.inference import CNClip
 
 logger = logging.getLogger(__name__)
-_DATA_URI = re.compile(r'data:image/[A-Za-z0-9.+-]+(;[A-Za-z0-9=.+-]+)*;base64,', re.ASCII)
+_DATA_URI = re.compile(r'data:image/[A-Za-z0-9.+-]+(;[A-Za-z0-9=.+-]+)*;base64,', re.ASCII | re.IGNORECASE)
 _BASE64 = re.compile(r'[A-Za-z0-9+/_-]+={0,2}', re.ASCII)
 _PATH_LIKE = re.compile(r'(/|\./|~/|[A-Za-z]:\\)|.{1,200}\.(jpe?g|png|webp|gif|bmp|tiff?)$', re.IGNORECASE)
 
@@ -44,7 +44,7 @@ def image_bytes(item: str, where: str, settings: ServeSettings,
     Raises:
         ApiError: 400 naming ``where`` for anything else, undecodable base64 or a refused URL.
     """
-    if item.startswith(('http://', 'https://')):
+    if item[:8].lower().startswith(('http://', 'https://')):
         if not settings.allow_urls:
             raise ApiError(400, f'{where}: image URLs are not fetched by this server (start it with --allow-urls); '
                                 f'send the image as a data URI or base64', code='urls_disabled')
@@ -54,7 +54,7 @@ def image_bytes(item: str, where: str, settings: ServeSettings,
         except UrlRefused as e:
             raise ApiError(400, f'{where}: {e}', code='url_refused') from None
     payload = item
-    if item.startswith('data:'):
+    if item[:5].lower() == 'data:':
         match = _DATA_URI.match(item)
         if not match:
             raise ApiError(400, f'{where}: a data URI must be data:image/<type>;base64,<data>', code='invalid_image')
@@ -135,24 +135,37 @@ class EmbeddingService:
             message = str(e).replace(f'<{len(data)} bytes>', where, 1)
             if where not in message:
                 message = f'{where}: {message}'
+            if 'decompression bombs' in message:  # the library's advice is for whoever runs the server
+                message = message.split('; if the image is trusted')[0] + ' (this server\'s limit)'
             if _PATH_LIKE.match(item):
                 message += '; a server never reads file paths: send the file\'s bytes as base64 or a data URI'
             status = 413 if 'more than the limit' in message else 400
             raise ApiError(status, message, code='invalid_image' if status == 400 else 'image_too_large') from None
 
     async def pixels(self, items: list[str], param: str) -> list[torch.Tensor]:
-        """Decode and preprocess image strings in the decode threads; the first bad one raises its ApiError."""
+        """Decode and preprocess image strings in the decode threads. The first bad one raises its ApiError (named
+        ``param[i]`` for a list) and the request's other items still waiting are cancelled, so one bad request
+        does not keep the shared decode threads busy."""
+        urls = sum(item[:8].lower().startswith(('http://', 'https://')) for item in items)
+        if urls > self.settings.max_url_items:
+            raise ApiError(413, f'{param}: {urls} image URLs, more than the limit of {self.settings.max_url_items} a '
+                                f'request; send the images as data URIs or split the request', param=param,
+                           code='too_many_urls')
+        listed = param in ('input', 'images')
         loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(self._decode, self._pixels, item, f'{param}[{i}]' if len(items) > 1 or
-                                        param == 'input' else param) for i, item in enumerate(items)]
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        for i, r in enumerate(results):
-            if isinstance(r, ApiError):
-                r.param, r.index = param, (i if param in ('input', 'images') else None)
-                raise r
-            if isinstance(r, BaseException):
-                raise r
-        return results  # type: ignore[return-value]
+        futures = [loop.run_in_executor(self._decode, self._pixels, item, f'{param}[{i}]' if listed else param)
+                   for i, item in enumerate(items)]
+        try:
+            for i, future in enumerate(futures):
+                try:
+                    await future
+                except ApiError as e:
+                    e.param, e.index = param, (i if listed else None)
+                    raise
+        finally:
+            for future in futures:
+                future.cancel()
+        return [f.result() for f in futures]
 
     # --- the API ---
 
@@ -163,18 +176,41 @@ class EmbeddingService:
 
     async def embed_images(self, items: list[str], param: str = 'input') -> np.ndarray:
         """``(N, D)`` float32 image embeddings of API image strings (data URIs, base64, allowed URLs)."""
-        pixels = await self.pixels(items, param)
+        return await self._embed_pixels(await self.pixels(items, param))
+
+    async def _embed_pixels(self, pixels: list[torch.Tensor]) -> np.ndarray:
         return np.stack(await asyncio.shield(self._image_batch(pixels)))
 
+    def check_texts(self, texts: list[str], param: str, *, listed: bool = True) -> list[int]:
+        """Tokens per text; a text the tokenizer reduces to nothing (control or zero-width characters only) is a
+        400 like an empty one, naming ``param[i]``."""
+        counts = self.model.tokenizer.num_tokens(texts)
+        for i, n in enumerate(counts):
+            if n <= 2:  # [CLS] [SEP] only
+                where = f'{param}[{i}]' if listed else param
+                raise ApiError(400, f'{where}: no text left after tokenisation (only control, zero-width or '
+                                    f'whitespace characters)', param=param, index=i if listed else None,
+                               code='empty_input')
+        return counts
+
     async def embed(self, items: list[str], modality: Modality, param: str = 'input') -> np.ndarray:
-        return await (self.embed_texts(items) if modality == 'text' else self.embed_images(items, param))
+        if modality == 'text':
+            self.check_texts(items, param, listed=param == 'input')
+            return await self.embed_texts(items)
+        return await self.embed_images(items, param)
 
     async def rank(self, query: str, query_modality: Modality, candidates: list[str]) -> dict[str, list[float]]:
         """Probabilities (softmax of ``logit_scale * cosine``, as ``CNClip.probabilities``) and cosine similarities
         of one query over its candidates (texts for an image, images for a text)."""
-        other: Modality = 'text' if query_modality == 'image' else 'image'
-        q, c = await asyncio.gather(self.embed([query], query_modality, query_modality),
-                                    self.embed(candidates, other, other + 's'))
+        # every input is checked (images decoded, texts tokenised) before anything is embedded
+        if query_modality == 'image':
+            self.check_texts(candidates, 'texts')
+            pixels = await self.pixels([query], 'image')
+            q, c = await asyncio.gather(self._embed_pixels(pixels), self.embed_texts(candidates))
+        else:
+            self.check_texts([query], 'text', listed=False)
+            pixels = await self.pixels(candidates, 'images')
+            q, c = await asyncio.gather(self.embed_texts([query]), self._embed_pixels(pixels))
         sims = (c @ q[0]).astype(np.float64)
         logits = self._logit_scale * sims
         probs = np.exp(logits - logits.max())

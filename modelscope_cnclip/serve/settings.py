@@ -9,6 +9,13 @@ API_KEY_ENV = 'CNCLIP_API_KEY'
 MiB = 1 << 20
 
 
+def _check_key(key: str, where: str) -> str:
+    if not key.strip() or key != key.strip() or not all(33 <= ord(c) < 127 for c in key):
+        raise ValueError(f'{where}: an API key must be printable ASCII without blanks (e.g. from `openssl rand -hex '
+                         f'32`); unset it for no authentication')
+    return key
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """Limits and options of ``cnclip serve`` (every one is a ``--flag`` of the same name).
@@ -27,7 +34,11 @@ class ServeSettings:
         max_top_k: largest ``top_k`` of ``/v1/search``.
         allow_urls: fetch ``http(s)://`` image URLs (off: such inputs are refused). Even when on, loopback,
             private, link-local and other non-public addresses are refused, also after redirects.
-        url_timeout_s, url_max_bytes, url_max_redirects: limits of one image URL fetch.
+        url_timeout_s, url_max_bytes, url_max_redirects: limits of one image URL fetch; max_url_items: image URLs
+            per request.
+        read_timeout_s: time a client has to send its whole request body (408 after).
+        limit_concurrency: connections and requests in progress at once; beyond it new ones get 503 (a slow or
+            stalled client cannot exhaust the server's file descriptors).
         decode_threads: threads decoding and preprocessing images (0: one per core, up to 8).
         drain_timeout_s: on SIGTERM / Ctrl-C, how long in-flight requests may take to finish.
     """
@@ -46,16 +57,21 @@ class ServeSettings:
     url_timeout_s: float = 10.0
     url_max_bytes: int = 20 * MiB
     url_max_redirects: int = 3
+    max_url_items: int = 16
+    read_timeout_s: float = 30.0
+    limit_concurrency: int = 1024
     decode_threads: int = 0
     drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ('port', 'max_batch_size', 'max_items', 'max_body_bytes', 'max_text_chars', 'max_top_k',
-                     'url_max_bytes'):
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f'port={self.port!r}: expected 0 (any free port) to 65535')
+        for name in ('max_batch_size', 'max_items', 'max_body_bytes', 'max_text_chars', 'max_top_k',
+                     'url_max_bytes', 'max_url_items', 'limit_concurrency'):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == 'port' else 1):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f'{name}={value!r}: expected a positive integer')
-        for name in ('batch_wait_ms', 'url_timeout_s', 'drain_timeout_s'):
+        for name in ('batch_wait_ms', 'url_timeout_s', 'drain_timeout_s', 'read_timeout_s'):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float('inf'):
                 raise ValueError(f'{name}={value!r}: expected a number >= 0')
@@ -63,13 +79,22 @@ class ServeSettings:
             raise ValueError(f'url_max_redirects={self.url_max_redirects!r}: expected an integer >= 0')
         if not isinstance(self.decode_threads, int) or self.decode_threads < 0:
             raise ValueError(f'decode_threads={self.decode_threads!r}: expected an integer >= 0 (0: automatic)')
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError('api_key is empty: give a key, or None for no authentication')
+        if self.api_key is not None:
+            _check_key(self.api_key, 'api_key')
 
     @property
     def key(self) -> str | None:
-        """The API key in force: ``api_key``, else ``$CNCLIP_API_KEY``, else ``None`` (no authentication)."""
-        return self.api_key or os.environ.get(API_KEY_ENV) or None
+        """The API key in force: ``api_key``, else ``$CNCLIP_API_KEY`` (unset or empty: ``None``, no
+        authentication).
+
+        Raises:
+            ValueError: a key of blanks only, with surrounding blanks, or with characters outside printable ASCII
+                (HTTP headers cannot carry them reliably).
+        """
+        if self.api_key is not None:
+            return self.api_key
+        value = os.environ.get(API_KEY_ENV)
+        return _check_key(value, API_KEY_ENV) if value else None
 
     def to_dict(self) -> dict[str, Any]:
         """Every field but the key (safe to log or print)."""
