@@ -367,7 +367,7 @@ def test_searcher_text_and_image_queries(photo_index: tuple[Path, Path], tiny_mo
 def test_searcher_refuses_another_model(photo_index: tuple[Path, Path], tmp_path: Path) -> None:
     other = write_hub_dir(tmp_path / 'other', TINY_VIT, random_state_dict(TINY_VIT, seed=5))
     with pytest.raises(ValueError, match=r'was built from embeddings of model .*plugin.*, but the model given is '
-                                         r'.*other \(fingerprint [0-9a-f]{16}\); search it with the model that '
+                                         r'.*other \(fingerprint [0-9a-f]{16}\); use it with the model that '
                                          r'built it'):
         Searcher.open(photo_index[0], model=other)
 

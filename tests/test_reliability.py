@@ -228,6 +228,30 @@ def test_a_truncated_or_corrupt_graph_is_a_clear_error(backend, plugin_vit_dir, 
         load(out, backend=backend).encode_image([photo])
 
 
+def test_hub_downloads_are_checked_against_the_hubs_hashes(tmp_path, plugin_vit_dir, monkeypatch):
+    import hashlib
+    import shutil
+
+    from modelscope_cnclip.checkpoints import layouts
+    snapshot = Path(shutil.copytree(plugin_vit_dir, tmp_path / 'cache' / 'damo' / 'model'))
+    listing = [{'Path': p.name, 'Sha256': hashlib.sha256(p.read_bytes()).hexdigest()} for p in snapshot.iterdir()]
+    listing.append({'Path': 'not_downloaded.bin', 'Sha256': '0' * 64})
+    assert layouts.verify_hub_files(snapshot, listing) == 4
+    hashed = []
+    monkeypatch.setattr(layouts, '_sha256', lambda p, real=layouts._sha256: hashed.append(p) or real(p))
+    assert layouts.verify_hub_files(snapshot, listing) == 4 and hashed == []  # recorded: not hashed again
+    monkeypatch.setattr(layouts, '_snapshot', lambda hub_id, revision: (
+        layouts.verify_hub_files(snapshot, listing), snapshot)[1])
+    assert read_source('damo/model').layout == 'plugin'
+    weights = snapshot / 'model.safetensors'
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one flipped bit
+    weights.write_bytes(bytes(data))
+    with pytest.raises((ValueError, OSError), match='model.safetensors: its SHA-256 .* differs from the hub.s record'):
+        read_source('damo/model')
+    assert layouts.verify_hub_files(snapshot, None) == 0  # no listing: nothing to compare, said in the log
+
+
 # --- concurrency -----------------------------------------------------------------------------------------------------
 
 def test_one_model_from_8_threads_gives_the_sequential_embeddings(tiny_model, images, photo):
@@ -283,10 +307,16 @@ def test_an_embedding_job_killed_at_random_points_resumes_to_the_same_output(plu
     partial = []  # shards on disk after each kill that hit a running job
     for trial in range(3):
         out = tmp_path / f'killed{trial}'
-        for _ in range(3):  # three kills at random moments (start-up, mid-shard, between shards), then to the end
+        for kill in range(3):  # kills at random moments (start-up, mid-shard, between shards), then to the end
             proc = subprocess.Popen(_embed_cmd(plugin_vit_dir, many_photos, out), cwd=REPO,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(float(rng.uniform(1.0, 7.0)))
+            if kill == 0 and trial == 0:
+                time.sleep(1.0)  # in the start-up
+            else:  # once a random number of shards are on disk, a random moment later
+                target = int(rng.integers(1, total))
+                while proc.poll() is None and len(list((out / 'shards').glob('*.npz'))) < target:
+                    time.sleep(0.01)
+                time.sleep(float(rng.uniform(0.0, 0.02)))  # the job writes a shard every few ms
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()

@@ -14,6 +14,7 @@ keys under the model's ``clip.`` submodule) or any state dict whose keys share o
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -220,7 +221,72 @@ def _looks_like_hub_id(source: str) -> bool:
 def _snapshot(hub_id: str, revision: str | None) -> Path:
     from modelscope.hub.snapshot_download import snapshot_download  # late: the library never imports ModelScope
     logger.info('downloading %s%s from the ModelScope hub', hub_id, f' (revision {revision})' if revision else '')
-    return Path(snapshot_download(hub_id, revision=revision) if revision else snapshot_download(hub_id))
+    path = Path(snapshot_download(hub_id, revision=revision) if revision else snapshot_download(hub_id))
+    verify_hub_files(path, _hub_listing(hub_id, revision))
+    return path
+
+
+def _hub_listing(hub_id: str, revision: str | None) -> list[dict[str, Any]] | None:
+    """The hub's file list (``Path``, ``Sha256``, ...) of a model, or ``None`` when this ModelScope cannot give it."""
+    try:
+        from modelscope.hub.api import HubApi
+        kwargs = {'revision': revision} if revision else {}
+        return list(HubApi().get_model_files(hub_id, recursive=True, **kwargs))
+    except Exception as e:  # noqa: BLE001 - an API that moved or a network error: the check is skipped, said so
+        logger.warning('%s: the hub file list is unavailable (%s: %s); downloaded files not checked against its '
+                       'hashes', hub_id, type(e).__name__, e)
+        return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 22), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_hub_files(root: str | os.PathLike, listing: Sequence[Mapping[str, Any]] | None) -> int:
+    """Check the downloaded files under ``root`` against the SHA-256 the hub records for them (``listing``: the
+    hub's ``[{"Path", "Sha256", ...}]``; files without a hash, or not downloaded, are skipped). A file checked
+    before with the same size and mtime is not hashed again (``.cnclip_verified.json`` in ``root`` records them
+    when the folder is writable).
+
+    Returns:
+        The number of files whose hash was compared.
+    Raises:
+        ValueError: a file whose content differs from the hub's record, named with both hashes and the fix.
+    """
+    if not listing:
+        return 0
+    root = Path(root)
+    record_path = root / '.cnclip_verified.json'
+    try:
+        record = json.loads(record_path.read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        record = {}
+    checked, changed = 0, False
+    for entry in listing:
+        name, expected = entry.get('Path') or entry.get('path'), entry.get('Sha256') or entry.get('sha256')
+        path = root / str(name) if name else None
+        if not expected or path is None or not path.is_file():
+            continue
+        stat = path.stat()
+        key = [stat.st_size, stat.st_mtime_ns, str(expected).lower()]
+        if record.get(str(name)) == key:
+            checked += 1
+            continue
+        actual = _sha256(path)
+        if actual != str(expected).lower():
+            raise ValueError(f'{path}: its SHA-256 {actual} differs from the hub\'s record {expected} (a corrupt or '
+                             f'tampered download); delete {root} and download again')
+        record[str(name)], changed, checked = key, True, checked + 1
+    if changed:
+        try:
+            record_path.write_text(json.dumps(record), encoding='utf-8')
+        except OSError:
+            pass
+    return checked
 
 
 def read_source(source: str | os.PathLike, config: CLIPConfig | str | os.PathLike | None = None, *,
