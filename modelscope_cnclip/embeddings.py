@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -144,7 +145,7 @@ def read_shard(path: str | Path, vectors: bool = True
                       for i, s, e in zip(z['failed_ids'], z['failed_sources'], z['errors'])]
             return ([str(i) for i in z['ids']], [str(s) for s in z['sources']], z['vectors'] if vectors else None,
                     failed)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f'{path}: not a readable embeddings shard ({e}); delete it and rerun the job to '
                          f'recompute it') from None
 

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import time
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -635,7 +636,7 @@ class Index:
             with np.load(path / IDS_FILE, allow_pickle=False) as z:
                 index.ids = _unpack_strings(z['ids_data'], z['ids_offsets'])
                 index.sources = _unpack_strings(z['sources_data'], z['sources_offsets'])
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f'{path / IDS_FILE}: unreadable ({e}); rebuild the index with `cnclip index build`') \
                 from None
         count = int(meta['count'])

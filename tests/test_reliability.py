@@ -252,6 +252,27 @@ def test_hub_downloads_are_checked_against_the_hubs_hashes(tmp_path, plugin_vit_
     assert layouts.verify_hub_files(snapshot, None) == 0  # no listing: nothing to compare, said in the log
 
 
+def test_damaged_shards_and_index_files_are_named_and_shards_recomputed(tmp_path, plugin_vit_dir, many_photos):
+    from modelscope_cnclip.index import Index
+    from modelscope_cnclip.jobs import embed_collection
+    out = tmp_path / 'emb'
+    embed_collection(plugin_vit_dir, many_photos, out, progress=False)
+    want = load_embeddings(out)
+    shard = sorted((out / 'shards').glob('*.npz'))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # a damaged disk, a bad copy
+    with pytest.raises(ValueError, match=f'{shard.name}: not a readable embeddings shard .*delete it and rerun'):
+        load_embeddings(out)
+    report = embed_collection(plugin_vit_dir, many_photos, out, progress=False)  # the rerun recomputes it
+    got = load_embeddings(out)
+    assert report.shards_resumed == report.shards - 1 and got.ids == want.ids
+    np.testing.assert_array_equal(got.vectors, want.vectors)
+    index = Index.build(out).save(tmp_path / 'index')
+    ids = index / 'ids.npz'
+    ids.write_bytes(ids.read_bytes()[:50])
+    with pytest.raises(ValueError, match='ids.npz: unreadable .*cnclip index build'):
+        Index.load(index)
+
+
 # --- concurrency -----------------------------------------------------------------------------------------------------
 
 def test_one_model_from_8_threads_gives_the_sequential_embeddings(tiny_model, images, photo):

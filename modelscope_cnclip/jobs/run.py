@@ -30,6 +30,8 @@ from modelscope_cnclip.embeddings import (
     ids_digest,
     iter_shards,
     read_meta,
+    read_shard,
+    shard_path,
     write_meta,
 )
 from modelscope_cnclip.inference import CNClip, load
@@ -147,6 +149,18 @@ def _finish(out: Path, meta: dict[str, Any]) -> tuple[int, int]:
     return embedded, len(failures)
 
 
+def _readable(out: Path, k: int) -> bool:
+    """A shard written by an earlier run is resumed only if it still reads (a damaged disk or a hand-edited file
+    is recomputed, with a warning, not trusted)."""
+    try:
+        read_shard(shard_path(out, k), vectors=True)
+        return True
+    except ValueError as e:
+        logger.warning('%s; recomputing it', e)
+        shard_path(out, k).unlink(missing_ok=True)
+        return False
+
+
 def embed_collection(model: CNClip | str | os.PathLike, inputs: str | os.PathLike | Collection,
                      out: str | os.PathLike, *, modality: Modality = 'auto', split: str | None = None,
                      columns: Mapping[str, str] | None = None, root: str | os.PathLike | None = None,
@@ -189,7 +203,7 @@ def embed_collection(model: CNClip | str | os.PathLike, inputs: str | os.PathLik
             'input': {**coll.describe(), 'digest': ids_digest([i.id for i in coll.items])},
             'shard_size': settings.shard_size, 'num_shards': num_shards, 'dtype': 'float32', 'normalized': True,
             'complete': False}
-    resumed = [k for k in _prepare_out(out, meta, overwrite) if k < num_shards]
+    resumed = [k for k in _prepare_out(out, meta, overwrite) if k < num_shards and _readable(out, k)]
     write_meta(out, meta)
     written = set(resumed)
     todo = [k for k in range(num_shards) if k not in written]
