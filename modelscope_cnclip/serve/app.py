@@ -212,39 +212,36 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
         metrics.latency.labels(route).observe(time.perf_counter() - start)
         return response
 
-    @app.post('/v1/embeddings')
-    async def embeddings(request: Request) -> Response:
-        async def handle() -> dict[str, Any]:
-            svc = ready()
-            req = parse_embeddings(await body(request), settings)
-            name = check_model(req.model, svc)
-            vectors = await svc.embed(req.items, req.modality)
-            tokens = svc.count_tokens(req.items) if req.modality == 'text' else 0
-            return {'object': 'list', 'model': name,
-                    'data': [{'object': 'embedding', 'index': i, 'embedding': encode_vector(v, req.encoding_format)}
-                             for i, v in enumerate(vectors)],
-                    'usage': {'prompt_tokens': tokens, 'total_tokens': tokens}}
-        return await answer('/v1/embeddings', request, handle)
+    def post(path: str, parse: Callable[[Any, ServeSettings], Any],
+             run: Callable[[EmbeddingService, Any, str], Awaitable[dict[str, Any]]]) -> None:
+        """Register ``POST path``: parse the body, check the model name, ``run(service, request, model name)``."""
+        async def endpoint(request: Request) -> Response:
+            async def handle() -> dict[str, Any]:
+                svc = ready()
+                req = parse(await body(request), settings)
+                return await run(svc, req, check_model(req.model, svc))
+            return await answer(path, request, handle)
+        endpoint.__name__ = path.strip('/').replace('/', '_')
+        app.add_api_route(path, endpoint, methods=['POST'])
 
-    @app.post('/v1/rank')
-    async def rank(request: Request) -> Response:
-        async def handle() -> dict[str, Any]:
-            svc = ready()
-            req = parse_rank(await body(request), settings)
-            name = check_model(req.model, svc)
-            scores = await svc.rank(req.query, req.query_modality, req.candidates)
-            return {'object': 'rank', 'model': name, 'query_modality': req.query_modality, **scores}
-        return await answer('/v1/rank', request, handle)
+    async def embeddings(svc: EmbeddingService, req: Any, name: str) -> dict[str, Any]:
+        vectors = await svc.embed(req.items, req.modality)
+        tokens = svc.count_tokens(req.items) if req.modality == 'text' else 0
+        return {'object': 'list', 'model': name,
+                'data': [{'object': 'embedding', 'index': i, 'embedding': encode_vector(v, req.encoding_format)}
+                         for i, v in enumerate(vectors)],
+                'usage': {'prompt_tokens': tokens, 'total_tokens': tokens}}
 
-    @app.post('/v1/search')
-    async def search(request: Request) -> Response:
-        async def handle() -> dict[str, Any]:
-            svc = ready()
-            req = parse_search(await body(request), settings)
-            name = check_model(req.model, svc)
-            hits = await svc.search(req.query, req.modality, req.top_k)
-            return {'object': 'list', 'model': name, 'data': hits}
-        return await answer('/v1/search', request, handle)
+    async def rank(svc: EmbeddingService, req: Any, name: str) -> dict[str, Any]:
+        scores = await svc.rank(req.query, req.query_modality, req.candidates)
+        return {'object': 'rank', 'model': name, 'query_modality': req.query_modality, **scores}
+
+    async def search(svc: EmbeddingService, req: Any, name: str) -> dict[str, Any]:
+        return {'object': 'list', 'model': name, 'data': await svc.search(req.query, req.modality, req.top_k)}
+
+    post('/v1/embeddings', parse_embeddings, embeddings)
+    post('/v1/rank', parse_rank, rank)
+    post('/v1/search', parse_search, search)
 
     @app.get('/v1/models')
     async def models(request: Request) -> Response:
