@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -78,6 +79,26 @@ def _from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
         raise ValueError(f'{where}: {e}') from None
 
 
+def _positive_ints(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f'{prefix}.{name}: expected a positive integer, got {value!r}')
+
+
+def _finite(obj: Any, prefix: str, name: str, low: float, high: float, *, low_open: bool = False) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not (low < value if low_open else low <= value) or value >= high:
+        raise ValueError(f'{prefix}.{name}: expected a number in {"(" if low_open else "["}{low:g}, {high:g}), got '
+                         f'{value!r}')
+
+
+# activations transformers' BERT knows (ACT2FN), as config strings
+TEXT_ACTIVATIONS = ('gelu', 'relu', 'gelu_new', 'gelu_python', 'gelu_fast', 'gelu_pytorch_tanh', 'quick_gelu',
+                    'silu', 'swish', 'tanh', 'mish')
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """Image tower: a ViT (``layers`` is an int) or a ModifiedResNet (``layers`` is four block counts)."""
@@ -89,6 +110,7 @@ class VisionConfig:
     head_width: int = 64
 
     def __post_init__(self) -> None:
+        _positive_ints(self, 'vision', ('image_size', 'width', 'head_width'))
         layers = self.layers
         if isinstance(layers, (list, tuple)):
             if len(layers) != 4 or not all(isinstance(n, int) and n > 0 for n in layers):
@@ -99,7 +121,8 @@ class VisionConfig:
             raise ValueError(f'vision.layers: expected a positive int (ViT) or a list of 4 ints (ResNet), '
                              f'got {layers!r}')
         else:
-            if not self.patch_size or self.image_size % self.patch_size:
+            _positive_ints(self, 'vision', ('patch_size',))
+            if self.image_size % self.patch_size:
                 raise ValueError(f'vision.patch_size={self.patch_size!r} must divide '
                                  f'vision.image_size={self.image_size}')
         if self.width % self.head_width and not self.is_resnet:
@@ -133,6 +156,14 @@ class TextConfig:
     layer_norm_eps: float = 1e-12
 
     def __post_init__(self) -> None:
+        _positive_ints(self, 'text', ('vocab_size', 'hidden_size', 'intermediate_size', 'num_attention_heads',
+                                      'num_hidden_layers', 'max_position_embeddings', 'type_vocab_size'))
+        if self.hidden_act not in TEXT_ACTIVATIONS:
+            raise ValueError(f'text.hidden_act: {self.hidden_act!r} is not one of {list(TEXT_ACTIVATIONS)}')
+        for name in ('hidden_dropout_prob', 'attention_probs_dropout_prob'):
+            _finite(self, 'text', name, 0, 1)
+        _finite(self, 'text', 'initializer_range', 0, math.inf)
+        _finite(self, 'text', 'layer_norm_eps', 0, 1, low_open=True)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f'text.hidden_size={self.hidden_size} is not a multiple of '
                              f'text.num_attention_heads={self.num_attention_heads}')
@@ -168,6 +199,12 @@ class CLIPConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     context_length: int = 52
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, 'config', ('embed_dim', 'context_length'))
+        if isinstance(self.text, TextConfig) and not 2 <= self.context_length <= self.text.max_position_embeddings:
+            raise ValueError(f'config.context_length={self.context_length}: expected 2 to '
+                             f'text.max_position_embeddings={self.text.max_position_embeddings}')
 
     @property
     def preprocess(self) -> PreprocessConfig:

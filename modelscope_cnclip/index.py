@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import zipfile
 from collections import Counter
@@ -280,6 +281,7 @@ class Index:
         if int(dim) < 1:
             raise ValueError(f'dim={dim}: must be positive')
         self.dim = int(dim)
+        self._search_lock = threading.Lock()
         self.requested_kind = kind.lower() if kind.lower() in KINDS else kind
         self.model: dict[str, Any] = dict(model or {})
         if self.model.get('embed_dim') not in (None, self.dim):
@@ -551,8 +553,9 @@ class Index:
         if not len(self):
             return [[] for _ in range(len(q))]
         k = min(int(k), len(self))
-        self._apply_params(k)
-        scores, rows = self._faiss.search(np.ascontiguousarray(q), k)
+        with self._search_lock:  # the parameters live in the shared faiss index: set and search together
+            self._apply_params(k)
+            scores, rows = self._faiss.search(np.ascontiguousarray(q), k)
         return [[Hit(self.ids[r], self.path_of(r), float(s), rank)
                  for rank, (s, r) in enumerate(((s, r) for s, r in zip(srow, rrow) if r >= 0), start=1)]
                 for srow, rrow in zip(scores.tolist(), rows.tolist())]

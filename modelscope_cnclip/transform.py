@@ -86,6 +86,21 @@ if os.environ.get(MAX_PIXELS_ENV) is not None:
     Image.MAX_IMAGE_PIXELS = _parse_limit(os.environ[MAX_PIXELS_ENV], MAX_PIXELS_ENV)
 
 
+MAX_BYTES_ENV = 'CNCLIP_MAX_IMAGE_BYTES'
+DEFAULT_MAX_IMAGE_BYTES = 512 << 20
+
+
+def max_image_bytes() -> int:
+    """Largest image file read (bytes): ``$CNCLIP_MAX_IMAGE_BYTES``, default 512 MiB (a 12 MP JPEG is ~5 MB, an
+    uncompressed 100 MP TIFF ~300 MB)."""
+    value = os.environ.get(MAX_BYTES_ENV, '').strip()
+    if not value:
+        return DEFAULT_MAX_IMAGE_BYTES
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f'{MAX_BYTES_ENV}={value!r}: expected a positive number of bytes')
+    return int(value)
+
+
 def _too_large(what: str, size: str) -> ValueError:
     return ValueError(
         f'cannot decode image {what}: {size} pixels is more than the limit of {max_image_pixels():,} (a guard '
@@ -235,6 +250,10 @@ def load_image(obj: ImageInput, timeout: float = 30.0, draft: int | None = None)
         if not path.is_file():
             raise FileNotFoundError(f'image file {str(obj)!r} not found (looked in {path.resolve().parent})')
         what = repr(str(obj))
+        size, limit = path.stat().st_size, max_image_bytes()
+        if size > limit:  # read whole before decoding: refuse what no photo needs before it fills memory
+            raise ValueError(f'cannot decode image {what}: the file is {size:,} bytes, more than the limit of '
+                             f'{limit:,} for one image; raise it with {MAX_BYTES_ENV}=N if the file is trusted')
         return _as_8bit(_open_bytes(path.read_bytes(), what, draft), what)
     raise TypeError(f'unsupported image input {type(obj).__name__}: {_describe(obj)}; use {_ACCEPTED}')
 

@@ -273,6 +273,101 @@ def test_damaged_shards_and_index_files_are_named_and_shards_recomputed(tmp_path
         Index.load(index)
 
 
+def test_hostile_configs_and_manifests_are_value_errors_naming_the_field(tmp_path, plugin_vit_dir):
+    import shutil
+    cases = {('text', 'num_attention_heads'): 0, ('vision', 'head_width'): 0, ('text', 'hidden_act'): 'os.system',
+             ('vision', 'patch_size'): -16, ('text', 'hidden_size'): -48, ('vision', 'image_size'): 64.0,
+             ('text', 'layer_norm_eps'): float('nan'), (None, 'embed_dim'): '32', (None, 'context_length'): 10 ** 9,
+             ('vision', 'width'): 1e9}
+    for (tower, field_name), value in cases.items():
+        d = Path(shutil.copytree(plugin_vit_dir, tmp_path / f'{tower}_{field_name}'))
+        cfg = json.loads((d / 'cnclip_config.json').read_text())
+        (cfg[tower] if tower else cfg)[field_name] = value
+        (d / 'cnclip_config.json').write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=field_name):
+            load(d)
+    pytest.importorskip('onnx')
+    from modelscope_cnclip.deploy import export
+    from modelscope_cnclip.runtime import MANIFEST
+    out = Path(export(plugin_vit_dir, tmp_path / 'onnx').out)
+    for key, value in (('towers.image.file', '../../../../etc/passwd'), ('towers.image.file', '/etc/hostname'),
+                       ('towers.text.onnx', '../x.onnx'), ('towers.image.file', 5), ('logit_scale', 'nan'),
+                       ('version', '2'), ('num_params', [1]), ('towers.image.precision', 'int4')):
+        d = Path(shutil.copytree(out, tmp_path / f'm{abs(hash((key, str(value))))}'))
+        manifest = json.loads((d / MANIFEST).read_text())
+        *parents, last = key.split('.')
+        node = manifest
+        for p in parents:
+            node = node[p]
+        node[last] = value
+        (d / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match='malformed manifest|plain file name'):
+            load(d)
+
+
+def test_huge_image_files_are_refused_before_they_are_read(tmp_path, tiny_model, monkeypatch):
+    huge = tmp_path / 'huge.png'
+    with open(huge, 'wb') as f:
+        f.truncate(600 << 20)  # sparse: no disk used
+    with pytest.raises(ValueError, match='600 MiB|629,145,600 bytes, more than the limit'):
+        tiny_model.encode_image([huge])
+    monkeypatch.setenv('CNCLIP_MAX_IMAGE_BYTES', '1000')
+    from modelscope_cnclip.data import draw_scene
+    draw_scene('红色', '圆形', size=256).save(tmp_path / 'ok.png')
+    with pytest.raises(ValueError, match='CNCLIP_MAX_IMAGE_BYTES'):
+        tiny_model.encode_image([tmp_path / 'ok.png'])
+
+
+def test_symlink_loops_in_a_folder_are_scanned_once(tmp_path, images):
+    from modelscope_cnclip.jobs.collection import open_collection
+    root = tmp_path / 'loop'
+    (root / 'sub').mkdir(parents=True)
+    for i, img in enumerate(images):
+        img.save(root / 'sub' / f'{i}.png')
+    (root / 'sub' / 'up').symlink_to('..')
+    (root / 'sub' / 'up2').symlink_to('..')
+    start = time.monotonic()
+    items = open_collection(root, 'image').items
+    assert len(items) == 3 and time.monotonic() - start < 10
+
+
+def test_a_rerun_on_other_inputs_with_the_same_ids_is_refused(tmp_path, plugin_vit_dir):
+    from modelscope_cnclip.jobs import ShardSettings, embed_collection
+    a, b = tmp_path / 'a.jsonl', tmp_path / 'b.jsonl'
+    a.write_text(''.join(json.dumps({'text': f'猫 {i}'}, ensure_ascii=False) + '\n' for i in range(12)))
+    b.write_text(''.join(json.dumps({'text': f'狗 {i}'}, ensure_ascii=False) + '\n' for i in range(12)))
+    out = tmp_path / 'out'
+    embed_collection(plugin_vit_dir, a, out, settings=ShardSettings(shard_size=4), progress=False)
+    with pytest.raises(ValueError, match='another job .*inputs differs'):
+        embed_collection(plugin_vit_dir, b, out, settings=ShardSettings(shard_size=4), progress=False)
+
+
+def test_two_jobs_on_one_output_at_once_are_refused(tmp_path, plugin_vit_dir, monkeypatch):
+    from modelscope_cnclip.jobs import embed_collection, run
+    texts = tmp_path / 't.jsonl'
+    texts.write_text(''.join(json.dumps({'text': f'猫 {i}'}, ensure_ascii=False) + '\n' for i in range(8)))
+    with run._job_lock(tmp_path / 'out'):  # another job holds the folder
+        with pytest.raises(ValueError, match='another embedding job is writing into it'):
+            embed_collection(plugin_vit_dir, texts, tmp_path / 'out', progress=False)
+    assert embed_collection(plugin_vit_dir, texts, tmp_path / 'out', progress=False).embedded == 8
+
+
+def test_searches_from_8_threads_on_one_hnsw_index_are_whole(tmp_path):
+    pytest.importorskip('faiss')
+    from modelscope_cnclip.index import Index
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((1200, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = Index.from_arrays([str(i) for i in range(1200)], vectors, kind='hnsw')
+    want = {k: [h.id for h in index.search(vectors[:1], k)[0]] for k in (5, 1000)}
+
+    def search(i: int) -> bool:
+        k = 5 if i % 2 else 1000
+        return [h.id for h in index.search(vectors[:1], k)[0]] == want[k]
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(search, range(400)))
+
+
 # --- concurrency -----------------------------------------------------------------------------------------------------
 
 def test_one_model_from_8_threads_gives_the_sequential_embeddings(tiny_model, images, photo):

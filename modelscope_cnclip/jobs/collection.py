@@ -11,6 +11,7 @@ model's preprocessing takes: a path or URL string, encoded bytes, or the text it
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from modelscope_cnclip.data import open_split, parse_id, read_jsonl, split_forms
 
 __all__ = ['Item', 'Collection', 'open_collection', 'IMAGE_EXTENSIONS', 'VIDEO_EXTENSIONS', 'MODALITIES', 'Modality']
 
+logger = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.flv', '.m4v', '.mpg', '.mpeg', '.wmv', '.ts', '.3gp',
                     '.ogv', '.mts', '.m2ts', '.vob', '.asf')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm', '.pbm',
@@ -95,8 +97,17 @@ def _has_ext(name: str, exts: tuple[str, ...]) -> bool:
 
 
 def _scan_folder(root: Path, exts: tuple[str, ...]) -> list[Item]:
+    """Every file with one of ``exts`` under ``root``, following links to folders, each folder once: a link back
+    up the tree (a loop) or a second link to a folder already seen is skipped with a warning."""
     items = []
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            logger.warning('%s: a folder already scanned (a symlink loop or a second link to it); skipped', dirpath)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
         for name in filenames:
             if not name.startswith('.') and _has_ext(name, exts):

@@ -16,9 +16,10 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import modelscope_cnclip.jobs.ray_engine as ray_engine
 from modelscope_cnclip.config import ENGINES, Backend, Engine, Modality, Precision
@@ -122,6 +123,9 @@ def _flat(options: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def _check_same_job(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     checks = [('inputs', old.get('input', {}).get('digest'), new['input']['digest']),
+              # the texts or paths behind the ids (dirs of earlier versions recorded the ids only)
+              ('inputs', old.get('input', {}).get('sources_digest', new['input']['sources_digest']),
+               new['input']['sources_digest']),
               ('model', old.get('model', {}).get('fingerprint'), new['model']['fingerprint']),
               ('precision', old.get('model', {}).get('precision'), new['model']['precision']),
               ('modality', old.get('modality'), new['modality']),
@@ -200,9 +204,39 @@ def embed_collection(model: CNClip | str | os.PathLike, inputs: str | os.PathLik
     num_shards = -(-len(coll) // settings.shard_size)
     meta = {'model': model.info(), 'modality': coll.modality,
             'options': _vector_options(model, coll.modality, settings.sampling),
-            'input': {**coll.describe(), 'digest': ids_digest([i.id for i in coll.items])},
+            'input': {**coll.describe(), 'digest': ids_digest([i.id for i in coll.items]),
+                      'sources_digest': ids_digest([f'{i.id}\0{i.source}' for i in coll.items])},
             'shard_size': settings.shard_size, 'num_shards': num_shards, 'dtype': 'float32', 'normalized': True,
             'complete': False}
+    with _job_lock(out):
+        return _run_job(model, coll, out, meta, num_shards, overwrite, settings, engine, ray, progress, started)
+
+
+@contextmanager
+def _job_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` for the whole job (a lock file beside it), so a second job writing into
+    the same folder at the same time is refused instead of mixing its shards in."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f'.{out.name}.lock', 'w') as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f'{out}: another embedding job is writing into it right now; wait for it to finish or '
+                             f'choose another output folder') from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_job(model: CNClip, coll: Collection, out: Path, meta: dict[str, Any], num_shards: int, overwrite: bool,
+             settings: ShardSettings, engine: str, ray: RayOptions, progress: bool | None,
+             started: float) -> EmbedReport:
     resumed = [k for k in _prepare_out(out, meta, overwrite) if k < num_shards and _readable(out, k)]
     write_meta(out, meta)
     written = set(resumed)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +134,10 @@ def read_manifest(d: str | os.PathLike) -> ExportManifest:
         raise ValueError(f'{path}: invalid JSON ({e}); export the model again') from None
     if not isinstance(data, dict) or data.get('format') != FORMAT:
         raise ValueError(f'{path}: not a {FORMAT!r} manifest; export the model again with `cnclip export`')
-    if data.get('version', 0) > VERSION:
+    version = data.get('version', 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f'{path}: malformed manifest (version {version!r} is not an integer); export the model again')
+    if version > VERSION:
         raise ValueError(f'{path}: format version {data["version"]} is newer than this plugin reads ({VERSION}); '
                          f'upgrade modelscope_cnclip')
     try:
@@ -141,12 +145,22 @@ def read_manifest(d: str | os.PathLike) -> ExportManifest:
         if fmt not in FORMATS:
             raise ValueError(f'backend_format {fmt!r} is not one of {list(FORMATS)}')
         towers = {k: TowerExport(**data['towers'][k]) for k in TOWERS}
+        for k, tower in towers.items():
+            for field_name in ('file', 'onnx'):
+                name = getattr(tower, field_name)
+                if field_name == 'file' or name is not None:
+                    _check_file_name(name, f'towers.{k}.{field_name}')
+            if tower.precision not in ('fp32', 'fp16', 'int8'):
+                raise ValueError(f'towers.{k}.precision {tower.precision!r} is not fp32, fp16 or int8')
+        scale = float(data['logit_scale'])
+        if not math.isfinite(scale):
+            raise ValueError(f'logit_scale {data["logit_scale"]!r} is not a finite number')
         manifest = ExportManifest(
             format=fmt, config=CLIPConfig.from_dict(data['config'], where=f'{path}: config'),
-            logit_scale=float(data['logit_scale']), fingerprint=str(data['fingerprint']), towers=towers,
+            logit_scale=scale, fingerprint=str(data['fingerprint']), towers=towers,
             num_params={k: int(v) for k, v in data['num_params'].items()}, source=str(data.get('source', '')),
             arch=str(data.get('arch', 'custom')), details=dict(data.get('details', {})))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f'{path}: malformed manifest ({type(e).__name__}: {e}); export the model again') from None
     for tower in towers.values():
         for name in filter(None, (tower.file, tower.onnx)):
@@ -156,6 +170,13 @@ def read_manifest(d: str | os.PathLike) -> ExportManifest:
     if not (d / 'vocab.txt').is_file():
         raise FileNotFoundError(f'{d}: vocab.txt is missing; copy the whole exported dir, or export again')
     return manifest
+
+
+def _check_file_name(name: Any, field_name: str) -> None:
+    """A graph named by a manifest is a plain file name in the exported dir: never a path that leaves it."""
+    if not isinstance(name, str) or not name or name in ('.', '..') or '/' in name or '\\' in name \
+            or os.path.isabs(name):
+        raise ValueError(f'{field_name} {name!r} is not a plain file name in the exported dir')
 
 
 def default_backend(fmt: str) -> str:
