@@ -91,7 +91,7 @@ def _prepare_out(out: Path, meta: dict[str, Any], overwrite: bool) -> list[int]:
         else:
             _check_same_job(out, old, meta)
             return existing_shards(out)
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
         raise FileExistsError(f'--out {out}: the folder is not empty and is not an embeddings dir; '
                               f'choose a new or empty folder')
     out.mkdir(parents=True, exist_ok=True)
@@ -212,17 +212,23 @@ def embed_collection(model: CNClip | str | os.PathLike, inputs: str | os.PathLik
         return _run_job(model, coll, out, meta, num_shards, overwrite, settings, engine, ray, progress, started)
 
 
+LOCK = '.cnclip-job.lock'
+
+
 @contextmanager
 def _job_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``out`` for the whole job (a lock file beside it), so a second job writing into
-    the same folder at the same time is refused instead of mixing its shards in."""
+    the same folder at the same time is refused instead of mixing its shards in. The lock file stays in ``out``
+    (removing it would let a third job lock a new file while the second still holds the old one)."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks here
         yield
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f'.{out.name}.lock', 'w') as handle:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f'--out {out}: a file is in the way; choose a folder path')
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, 'w') as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
