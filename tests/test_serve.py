@@ -629,6 +629,42 @@ def _start_cli(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
         time.sleep(0.1)
 
 
+def test_slow_headers_and_silent_connections_are_closed(plugin_vit_dir):
+    from modelscope_cnclip.serve.server import serve_local
+    servers = []
+    settings = ServeSettings(port=free_port(), read_timeout_s=1)
+    thread = threading.Thread(target=serve_local, args=(ModelSpec(str(plugin_vit_dir)), settings),
+                              kwargs={'ready': servers.append}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not servers:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    try:
+        for first in (b'', b'POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n'):  # silent; headers never finished
+            with socket.create_connection(('127.0.0.1', settings.port), timeout=10) as s:
+                s.sendall(first)
+                start = time.monotonic()
+                assert s.recv(4096) == b'' and time.monotonic() - start < 5  # closed by the server
+        r = httpx.post(f'http://127.0.0.1:{settings.port}/v1/embeddings', json={'input': ['猫']})
+        assert r.status_code == 200
+    finally:
+        servers[0].should_exit = True
+        thread.join(30)
+
+
+def test_cli_refuses_bad_ports_and_ray_flags_without_ray(plugin_vit_dir):
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, words in ((['--port', str(port)], 'cannot listen on 127.0.0.1'),
+                            (['--port', '70000'], 'port=70000'), (['--replicas', '2'], 'apply to --engine ray')):
+            r = subprocess.run([sys.executable, '-m', 'modelscope_cnclip', 'serve', str(plugin_vit_dir), *args],
+                               capture_output=True, text=True, timeout=120, cwd=REPO)
+            assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+
+
 def test_cli_serves_and_sigterm_drains_in_flight_requests(plugin_vit_dir, tiny_model):
     proc, url = _start_cli(plugin_vit_dir, '--batch-wait-ms', '1500', '--host', '127.0.0.1')
     try:

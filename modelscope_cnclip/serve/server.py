@@ -44,6 +44,52 @@ class ModelSpec:
             raise ValueError(f'--index {self.index}: {e}') from None
 
 
+def header_timeout_protocol(seconds: float) -> Any:
+    """uvicorn's httptools protocol, closing a connection whose request line and headers do not all arrive within
+    ``seconds`` (uvicorn waits forever for them: a slow-headers client would hold a connection indefinitely). The
+    body has its own limit (``read_timeout_s`` in :func:`~modelscope_cnclip.serve.app.read_body`). Without httptools,
+    ``'auto'`` (uvicorn's default, no header limit)."""
+    import asyncio
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return 'auto'
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = asyncio.get_running_loop().call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self) -> None:
+            logger.info('closing a connection whose request headers took more than %g s', seconds)
+            self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()  # a client that connects and sends nothing
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()  # every request on the connection, keep-alive ones too
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
 def serve_local(spec: ModelSpec, settings: ServeSettings, *, ready: Callable[[Any], None] | None = None) -> int:
     """Serve in this process until SIGTERM / SIGINT; in-flight requests are drained (up to
     ``settings.drain_timeout_s``; requests still running then get 503) and the process then ends through the
@@ -69,7 +115,8 @@ def serve_local(spec: ModelSpec, settings: ServeSettings, *, ready: Callable[[An
     app = create_app(lambda: spec.build(settings), settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level='warning', access_log=False,
                             timeout_graceful_shutdown=settings.drain_timeout_s, lifespan='on',
-                            limit_concurrency=settings.limit_concurrency)
+                            limit_concurrency=settings.limit_concurrency,
+                            http=header_timeout_protocol(settings.read_timeout_s))
     server = uvicorn.Server(config)
     state = app.state.cnclip
 
