@@ -424,7 +424,8 @@ def _replica_range(text: str) -> tuple[int, int]:
          arg('--drain-timeout', type=_non_negative_float, default=30.0,
              help='seconds in-flight requests may take after SIGTERM (default 30)'),
          arg('--read-timeout', type=_non_negative_float, default=30.0,
-             help='seconds a client has to send its request body (default 30)'),
+             help='seconds a client has to send its request headers (then the connection is closed) and its body '
+                  '(then 408) (default 30)'),
          arg('--limit-concurrency', type=_positive_int, default=1024,
              help='connections and requests at once; more get 503 (default 1024)'),
          arg('--engine', choices=('local', 'ray'), default='local',

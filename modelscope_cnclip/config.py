@@ -79,19 +79,30 @@ def _from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
         raise ValueError(f'{where}: {e}') from None
 
 
-def _positive_ints(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
+def positive_ints(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
+    """Check that the fields ``names`` of a config object are ints > 0 (not bools).
+
+    Raises:
+        ValueError: naming ``prefix.name`` (``name`` alone when ``prefix`` is empty) and the value.
+    """
     for name in names:
         value = getattr(obj, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f'{prefix}.{name}: expected a positive integer, got {value!r}')
+            raise ValueError(f'{prefix + "." if prefix else ""}{name}: expected a positive integer, got {value!r}')
 
 
-def _finite(obj: Any, prefix: str, name: str, low: float, high: float, *, low_open: bool = False) -> None:
+def finite_number(obj: Any, prefix: str, name: str, low: float, high: float, *, low_open: bool = False) -> None:
+    """Check that a config object's field ``name`` is a finite number in ``[low, high)`` (``(low, high)`` with
+    ``low_open``).
+
+    Raises:
+        ValueError: naming ``prefix.name`` and the value.
+    """
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not (low < value if low_open else low <= value) or value >= high:
-        raise ValueError(f'{prefix}.{name}: expected a number in {"(" if low_open else "["}{low:g}, {high:g}), got '
-                         f'{value!r}')
+        raise ValueError(f'{prefix + "." if prefix else ""}{name}: expected a number in '
+                         f'{"(" if low_open else "["}{low:g}, {high:g}), got {value!r}')
 
 
 # activations transformers' BERT knows (ACT2FN), as config strings
@@ -110,7 +121,7 @@ class VisionConfig:
     head_width: int = 64
 
     def __post_init__(self) -> None:
-        _positive_ints(self, 'vision', ('image_size', 'width', 'head_width'))
+        positive_ints(self, 'vision', ('image_size', 'width', 'head_width'))
         layers = self.layers
         if isinstance(layers, (list, tuple)):
             if len(layers) != 4 or not all(isinstance(n, int) and n > 0 for n in layers):
@@ -121,7 +132,7 @@ class VisionConfig:
             raise ValueError(f'vision.layers: expected a positive int (ViT) or a list of 4 ints (ResNet), '
                              f'got {layers!r}')
         else:
-            _positive_ints(self, 'vision', ('patch_size',))
+            positive_ints(self, 'vision', ('patch_size',))
             if self.image_size % self.patch_size:
                 raise ValueError(f'vision.patch_size={self.patch_size!r} must divide '
                                  f'vision.image_size={self.image_size}')
@@ -156,14 +167,14 @@ class TextConfig:
     layer_norm_eps: float = 1e-12
 
     def __post_init__(self) -> None:
-        _positive_ints(self, 'text', ('vocab_size', 'hidden_size', 'intermediate_size', 'num_attention_heads',
+        positive_ints(self, 'text', ('vocab_size', 'hidden_size', 'intermediate_size', 'num_attention_heads',
                                       'num_hidden_layers', 'max_position_embeddings', 'type_vocab_size'))
         if self.hidden_act not in TEXT_ACTIVATIONS:
             raise ValueError(f'text.hidden_act: {self.hidden_act!r} is not one of {list(TEXT_ACTIVATIONS)}')
         for name in ('hidden_dropout_prob', 'attention_probs_dropout_prob'):
-            _finite(self, 'text', name, 0, 1)
-        _finite(self, 'text', 'initializer_range', 0, math.inf)
-        _finite(self, 'text', 'layer_norm_eps', 0, 1, low_open=True)
+            finite_number(self, 'text', name, 0, 1)
+        finite_number(self, 'text', 'initializer_range', 0, math.inf)
+        finite_number(self, 'text', 'layer_norm_eps', 0, 1, low_open=True)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f'text.hidden_size={self.hidden_size} is not a multiple of '
                              f'text.num_attention_heads={self.num_attention_heads}')
@@ -201,7 +212,7 @@ class CLIPConfig:
     context_length: int = 52
 
     def __post_init__(self) -> None:
-        _positive_ints(self, 'config', ('embed_dim', 'context_length'))
+        positive_ints(self, 'config', ('embed_dim', 'context_length'))
         if isinstance(self.text, TextConfig) and not 2 <= self.context_length <= self.text.max_position_embeddings:
             raise ValueError(f'config.context_length={self.context_length}: expected 2 to '
                              f'text.max_position_embeddings={self.text.max_position_embeddings}')

@@ -155,21 +155,22 @@ def gallery_index(model: CNClip, gallery: str | os.PathLike, *, cache_dir: str |
         FileNotFoundError: ``gallery`` is not a folder. ValueError: it holds no image the model could read.
     """
     from modelscope_cnclip.index import Index
-    from modelscope_cnclip.jobs import embed_collection
+    from modelscope_cnclip.jobs import embed_collection, open_collection
     root = Path(gallery).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f'gallery {str(gallery)!r} is not a folder of images')
+    photos = open_collection(root, 'image')  # scanned once: the key is made of exactly what gets embedded
     listing = hashlib.sha256()
-    for path in sorted(p for p in root.rglob('*') if p.is_file()):
-        stat = path.stat()
-        listing.update(f'{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n'.encode('utf-8', 'replace'))
+    for item in photos.items:
+        stat = os.stat(item.source)
+        listing.update(f'{item.id}\0{stat.st_size}\0{stat.st_mtime_ns}\n'.encode('utf-8', 'replace'))
     key = hashlib.sha256(f'{root}\0{model.fingerprint}\0{listing.hexdigest()}'.encode('utf-8', 'replace'))
     base = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / '.cache' / 'modelscope_cnclip')
     work = base / 'galleries' / key.hexdigest()[:20]
     if (work / 'index' / 'meta.json').is_file():
         logger.info('reusing the gallery index %s', work / 'index')
         return Index.load(work / 'index')
-    report = embed_collection(model, root, work / 'embeddings', modality='image', progress=progress)
+    report = embed_collection(model, photos, work / 'embeddings', progress=progress)
     if report.failed >= report.total:
         raise ValueError(f'gallery {str(gallery)!r}: no image could be read (errors: {work / "embeddings"})')
     index = Index.build(work / 'embeddings')

@@ -79,9 +79,8 @@ def auto_batch_size(model: CNClip, modality: str) -> int:
 # --- the job ------------------------------------------------------------------------------------------------------
 
 def _prepare_out(out: Path, meta: dict[str, Any], overwrite: bool) -> list[int]:
-    """Create or check ``out``; returns the shards already written by an earlier run of the same job."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f'--out {out}: a file is in the way; choose a folder path')
+    """Create or check ``out`` (not a file: :func:`_job_lock` checked); returns the shards already written by an
+    earlier run of the same job."""
     if (out / META).is_file():
         old = read_meta(out)
         if overwrite:
@@ -217,16 +216,16 @@ LOCK = '.cnclip-job.lock'
 
 @contextmanager
 def _job_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``out`` for the whole job (a lock file beside it), so a second job writing into
-    the same folder at the same time is refused instead of mixing its shards in. The lock file stays in ``out``
+    """Hold an exclusive lock on ``out`` for the whole job (a lock file in it), so a second job writing into the
+    same folder at the same time is refused instead of mixing its shards in. The lock file stays in ``out``
     (removing it would let a third job lock a new file while the second still holds the old one)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f'--out {out}: a file is in the way; choose a folder path')
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks here
         yield
         return
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f'--out {out}: a file is in the way; choose a folder path')
     out.mkdir(parents=True, exist_ok=True)
     with open(out / LOCK, 'w') as handle:
         try:

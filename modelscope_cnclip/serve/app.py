@@ -225,8 +225,11 @@ def create_app(service: EmbeddingService | Callable[[], EmbeddingService], setti
         app.add_api_route(path, endpoint, methods=['POST'])
 
     async def embeddings(svc: EmbeddingService, req: Any, name: str) -> dict[str, Any]:
-        vectors = await svc.embed(req.items, req.modality)
-        tokens = svc.count_tokens(req.items) if req.modality == 'text' else 0
+        if req.modality == 'text':  # the token counts are the usage, and the check for texts with none
+            tokens = sum(svc.check_texts(req.items, 'input'))
+            vectors = await svc.embed_texts(req.items)
+        else:
+            tokens, vectors = 0, await svc.embed_images(req.items)
         return {'object': 'list', 'model': name,
                 'data': [{'object': 'embedding', 'index': i, 'embedding': encode_vector(v, req.encoding_format)}
                          for i, v in enumerate(vectors)],

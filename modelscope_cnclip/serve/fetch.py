@@ -87,10 +87,7 @@ def fetch_public(url: str, *, timeout: float = 10.0, max_bytes: int = 20 << 20, 
                 raise UrlRefused(f'image URL {url!r}: only http(s) URLs with a host are fetched')
             if parts.username is not None or parts.password is not None:
                 raise UrlRefused(f'image URL {url!r}: URLs with credentials are refused')
-            try:
-                port = parts.port or (443 if parts.scheme == 'https' else 80)
-            except ValueError:
-                raise UrlRefused(f'image URL {url!r}: invalid port') from None
+            port = parts.port or (443 if parts.scheme == 'https' else 80)  # checked above
             ip = resolve_public(parts.hostname, port, url)
             host = f'[{ip}]' if ip.version == 6 else str(ip)
             target = urlunsplit((parts.scheme, f'{host}:{port}', parts.path or '/', parts.query, ''))

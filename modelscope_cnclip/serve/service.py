@@ -182,7 +182,8 @@ class EmbeddingService:
         return np.stack(await asyncio.shield(self._image_batch(pixels)))
 
     def check_texts(self, texts: list[str], param: str, *, listed: bool = True) -> list[int]:
-        """Tokens per text; a text the tokenizer reduces to nothing (control or zero-width characters only) is a
+        """Tokens the model reads per text (with [CLS]/[SEP], capped at the context length: the API's ``usage``); a
+        text the tokenizer reduces to nothing (control or zero-width characters only) is a
         400 like an empty one, naming ``param[i]``."""
         counts = self.model.tokenizer.num_tokens(texts)
         for i, n in enumerate(counts):
@@ -225,10 +226,6 @@ class EmbeddingService:
         loop = asyncio.get_running_loop()
         hits = await loop.run_in_executor(self._decode, lambda: self.index.search(vector, top_k)[0])
         return [hit.to_dict() for hit in hits]
-
-    def count_tokens(self, texts: list[str]) -> int:
-        """Tokens the model reads for ``texts`` (with [CLS]/[SEP], capped at the context length): ``usage``."""
-        return sum(self.model.tokenizer.num_tokens(texts)) if texts else 0
 
     def close(self) -> None:
         for processor in (self._text_batch, self._image_batch):

@@ -1,9 +1,12 @@
 """What a server is allowed to do, as data: limits, batching, authentication and URL fetching."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from modelscope_cnclip.config import finite_number, positive_ints
 
 API_KEY_ENV = 'CNCLIP_API_KEY'
 MiB = 1 << 20
@@ -36,7 +39,8 @@ class ServeSettings:
             private, link-local and other non-public addresses are refused, also after redirects.
         url_timeout_s, url_max_bytes, url_max_redirects: limits of one image URL fetch; max_url_items: image URLs
             per request.
-        read_timeout_s: time a client has to send its whole request body (408 after).
+        read_timeout_s: time a client has to send its request headers (then the connection is closed, in the
+            single-process server) and its body (then 408).
         limit_concurrency: connections and requests in progress at once; beyond it new ones get 503 (a slow or
             stalled client cannot exhaust the server's file descriptors).
         decode_threads: threads decoding and preprocessing images (0: one per core, up to 8).
@@ -66,15 +70,10 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f'port={self.port!r}: expected 0 (any free port) to 65535')
-        for name in ('max_batch_size', 'max_items', 'max_body_bytes', 'max_text_chars', 'max_top_k',
-                     'url_max_bytes', 'max_url_items', 'limit_concurrency'):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f'{name}={value!r}: expected a positive integer')
+        positive_ints(self, '', ('max_batch_size', 'max_items', 'max_body_bytes', 'max_text_chars', 'max_top_k',
+                                 'url_max_bytes', 'max_url_items', 'limit_concurrency'))
         for name in ('batch_wait_ms', 'url_timeout_s', 'drain_timeout_s', 'read_timeout_s'):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float('inf'):
-                raise ValueError(f'{name}={value!r}: expected a number >= 0')
+            finite_number(self, '', name, 0, math.inf)
         if not isinstance(self.url_max_redirects, int) or self.url_max_redirects < 0:
             raise ValueError(f'url_max_redirects={self.url_max_redirects!r}: expected an integer >= 0')
         if not isinstance(self.decode_threads, int) or self.decode_threads < 0:
